@@ -1,0 +1,2 @@
+//! The parent side. STUB.
+#![allow(missing_docs, unused)]

@@ -1,0 +1,116 @@
+//! The helper: serves one store's images as splitfdstreams over jsonrpc-fdpass.
+//!
+//! [`server`] speaks the protocol; a [`Backend`] per store kind ([`cstor`] for containers-storage,
+//! [`oci_layout`] for OCI layouts) resolves images and produces each layer as inline bytes plus
+//! open files through a [`LayerSink`]. The helper may run with more privilege than its client:
+//! every request is validated, files are opened only beneath the layer's diff dir, and nothing
+//! in the store is ever written.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use crate::proto::rpc::LayerInfo;
+use crate::proto::source::Store;
+
+pub mod cstor;
+pub mod oci_layout;
+pub mod server;
+pub mod tarsplit;
+
+/// Receives one layer, in tar order: exact tar bytes inline, and regular-file bodies as fds.
+pub trait LayerSink {
+    /// Bytes of the layer tar, verbatim (headers, padding, small bodies, end blocks).
+    ///
+    /// # Errors
+    /// The consumer went away or the pipe broke.
+    fn inline(&mut self, data: &[u8]) -> io::Result<()>;
+    /// One whole regular-file body: `fd` is a regular file of exactly `size` (> 0) bytes;
+    /// `crc64` is tar-split's CRC-64/ISO of the content when known.
+    ///
+    /// # Errors
+    /// The consumer went away or the pipe broke.
+    fn file(&mut self, fd: OwnedFd, size: u64, crc64: Option<u64>) -> io::Result<()>;
+}
+
+/// Errors a backend reports to the server, which maps them to JSON-RPC codes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The reference does not resolve (or resolves to more than one image).
+    #[error("{0}")]
+    ImageNotFound(String),
+    /// Anything else: unreadable store metadata, I/O errors, hostile content.
+    #[error(transparent)]
+    Store(#[from] anyhow::Error),
+}
+
+/// Where a layer's content lives, private to the backend that produced it.
+#[derive(Debug, Clone)]
+pub enum LayerLocator {
+    /// containers-storage: the layer id, then its parents' ids (for metacopy fallback), top first.
+    Cstor {
+        /// This layer's id (validated: 64 lowercase hex digits).
+        layer_id: String,
+        /// Parent layer ids, nearest first.
+        parents: Vec<String>,
+    },
+    /// OCI layout: blob digest and media type.
+    Oci {
+        /// `sha256:…` of the (possibly compressed) blob.
+        digest: String,
+        /// Layer media type (selects the decompressor).
+        media_type: String,
+    },
+}
+
+/// An image resolved by a backend.
+#[derive(Debug, Clone)]
+pub struct OpenedImage {
+    /// Image id (hex sha256 of the config).
+    pub image_id: String,
+    /// The manifest bytes as stored.
+    pub manifest: String,
+    /// `sha256:…` of `manifest`.
+    pub manifest_digest: String,
+    /// The config bytes as stored.
+    pub config: String,
+    /// `sha256:…` of `config`.
+    pub config_digest: String,
+    /// Layers, base first.
+    pub layers: Vec<LayerInfo>,
+    /// One locator per entry of `layers`.
+    pub locators: Vec<LayerLocator>,
+}
+
+/// A store kind the helper can serve.
+pub trait Backend: Send + Sync {
+    /// Resolve `reference` to an image.
+    ///
+    /// # Errors
+    /// [`BackendError::ImageNotFound`] when it does not resolve.
+    fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError>;
+
+    /// Produce layer `index` of `image` into `sink`, bodies of at most `inline_threshold` bytes
+    /// inline. Returns the number of tar entries written.
+    ///
+    /// # Errors
+    /// Names the layer and the file at fault. The sink may have received part of the layer.
+    fn stream_layer(
+        &self,
+        image: &OpenedImage,
+        index: usize,
+        inline_threshold: u64,
+        sink: &mut dyn LayerSink,
+    ) -> anyhow::Result<u64>;
+}
+
+/// Open the backend for `store`.
+///
+/// # Errors
+/// The store cannot be found or read.
+pub fn open_backend(store: &Store) -> anyhow::Result<Box<dyn Backend>> {
+    match store {
+        Store::ContainersStorage { .. } => Ok(Box::new(cstor::CstorBackend::open(store)?)),
+        Store::OciLayout { dir } => Ok(Box::new(oci_layout::OciBackend::open(dir)?)),
+    }
+}

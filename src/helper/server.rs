@@ -1,0 +1,2 @@
+//! The protocol server. STUB.
+#![allow(missing_docs, unused)]

@@ -1,0 +1,282 @@
+//! Typed JSON-RPC 2.0 methods (spec: `proto/rpc.md`).
+//!
+//! A request is `{"jsonrpc":"2.0","id":N,"method":M,"params":P}`; [`Request`] is the typed
+//! `method`/`params` pair. Results are the `*Result` structs; attached fds are listed per method.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build (semver). A peer with another major version is refused.
+pub const PROTOCOL_VERSION: &str = "1.0.0";
+
+/// Most fds one `GetLayerFds` reply may carry. Kept at the `sendmsg` batch size so a reply is
+/// usually one `recvmsg`, and small enough that a client at a low RLIMIT_NOFILE can ask for less.
+pub const MAX_FDS_PER_REPLY: u32 = 253;
+
+/// JSON-RPC error codes used by the helper.
+pub mod code {
+    /// Invalid JSON was received.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The JSON sent is not a valid request object.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// The method does not exist.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Invalid method parameters.
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// Internal error.
+    pub const INTERNAL_ERROR: i64 = -32603;
+    /// Framing or fd-count error of the transport (fatal, connection closed).
+    pub const FRAMING: i64 = -32050;
+    /// `Initialize` missing, repeated, or the protocol major version differs.
+    pub const NOT_INITIALIZED: i64 = -32001;
+    /// Incompatible protocol version requested.
+    pub const VERSION_MISMATCH: i64 = -32002;
+    /// The image reference does not resolve in the store.
+    pub const IMAGE_NOT_FOUND: i64 = -32010;
+    /// The layer index or diff_id is not part of the image.
+    pub const LAYER_NOT_FOUND: i64 = -32011;
+    /// Unknown image or stream handle.
+    pub const BAD_HANDLE: i64 = -32012;
+    /// The store could not be read (corrupt metadata, I/O error).
+    pub const STORE_ERROR: i64 = -32013;
+}
+
+/// A typed request: JSON-RPC `method` plus `params`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "method", content = "params")]
+pub enum Request {
+    /// First call of a session, exactly once.
+    Initialize(#[serde(default)] InitializeParams),
+    /// Resolve an image reference in the helper's store.
+    OpenImage(OpenImageParams),
+    /// Start streaming one layer: the reply carries the read end of a pipe.
+    GetLayer(GetLayerParams),
+    /// Pull the next batch of content fds of a layer stream.
+    GetLayerFds(GetLayerFdsParams),
+    /// Abandon (or release after completion) a layer stream.
+    CloseLayer(CloseLayerParams),
+    /// Release an image handle.
+    CloseImage(CloseImageParams),
+    /// End the session; the helper replies and exits.
+    Shutdown(#[serde(default)] ShutdownParams),
+}
+
+/// `Initialize` params (all optional; `{}` is valid).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InitializeParams {
+    /// The client's protocol version; the helper refuses another major version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+}
+
+/// `Initialize` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InitializeResult {
+    /// Protocol version of the helper (semver).
+    pub protocol_version: String,
+    /// Version of the helper program.
+    pub helper_version: String,
+    /// Optional features the helper supports.
+    pub capabilities: Vec<String>,
+}
+
+/// `OpenImage` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenImageParams {
+    /// Image reference within the helper's store (name\[:tag\], name@digest, id or id prefix, or
+    /// for an OCI layout a tag or empty for its only image).
+    pub reference: String,
+}
+
+/// One layer of an image, base first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LayerInfo {
+    /// Store-specific layer id (containers-storage layer id, or blob digest for OCI layouts).
+    pub id: String,
+    /// `sha256:…` digest of the uncompressed layer tar.
+    pub diff_id: String,
+    /// Uncompressed size in bytes, where the store records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Number of tar entries, where known without reading the layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+}
+
+/// `OpenImage` result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenImageResult {
+    /// Handle for later calls.
+    pub image: u64,
+    /// Image id (hex sha256 of the config).
+    pub image_id: String,
+    /// The manifest, exactly as stored.
+    pub manifest: String,
+    /// `sha256:…` of the manifest bytes.
+    pub manifest_digest: String,
+    /// The config, exactly as stored.
+    pub config: String,
+    /// `sha256:…` of the config bytes.
+    pub config_digest: String,
+    /// Layers, base first.
+    pub layers: Vec<LayerInfo>,
+}
+
+/// `GetLayer` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GetLayerParams {
+    /// Image handle from `OpenImage`.
+    pub image: u64,
+    /// Layer index (0 = base) or its diff_id.
+    pub layer: LayerSelector,
+    /// Bodies of at most this many bytes travel inline (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline_threshold: Option<u64>,
+}
+
+/// Which layer of an image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerSelector {
+    /// Position, 0 = base layer.
+    Index(u64),
+    /// `sha256:…` diff_id.
+    DiffId(String),
+}
+
+/// Default `inlineThreshold`: composefs keeps bodies of ≤64 bytes inline in its splitstreams.
+pub const DEFAULT_INLINE_THRESHOLD: u64 = 64;
+/// Largest accepted `inlineThreshold` (one inline chunk).
+pub const MAX_INLINE_THRESHOLD: u64 = 1 << 20;
+
+/// `GetLayer` result; fds: `[stream]`, the read end of a pipe carrying the splitfdstream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetLayerResult {
+    /// Stream handle for `GetLayerFds` / `CloseLayer`.
+    pub stream: u64,
+    /// The layer served.
+    pub layer: LayerInfo,
+}
+
+/// `GetLayerFds` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GetLayerFdsParams {
+    /// Stream handle.
+    pub stream: u64,
+    /// Most fds wanted in this reply (1..=253).
+    pub max: u32,
+}
+
+/// `GetLayerFds` result; fds: `count` content fds, in stream order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GetLayerFdsResult {
+    /// Number of fds attached.
+    pub count: u32,
+    /// tar-split CRC-64/ISO of each attached body, 16 hex digits, or null where unknown.
+    pub crc64: Vec<Option<String>>,
+    /// Present once the producer has finished and every fd was handed out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<StreamEnd>,
+}
+
+/// How a layer stream ended. A stream without `Complete` is never a whole layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "camelCase")]
+pub enum StreamEnd {
+    /// Every entry was written.
+    #[serde(rename_all = "camelCase")]
+    Complete {
+        /// tar entries written.
+        entries: u64,
+        /// Content fds sent.
+        fds: u64,
+        /// Bytes of the reconstructed tar.
+        bytes: u64,
+    },
+    /// The producer stopped early.
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        /// Why, naming the file or layer.
+        message: String,
+    },
+}
+
+/// `CloseLayer` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloseLayerParams {
+    /// Stream handle.
+    pub stream: u64,
+}
+
+/// `CloseImage` params.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloseImageParams {
+    /// Image handle.
+    pub image: u64,
+}
+
+/// `Shutdown` params (none).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownParams {}
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} (code {code})")]
+pub struct RpcError {
+    /// Error code, see [`code`].
+    pub code: i64,
+    /// Human-readable message naming the object.
+    pub message: String,
+    /// Optional structured detail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+}
+
+impl RpcError {
+    /// An error with no data.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+}
+
+/// Build a request envelope.
+pub fn request_message(id: u64, req: &Request) -> serde_json::Value {
+    let mut v = serde_json::to_value(req).expect("requests always serialise");
+    let obj = v
+        .as_object_mut()
+        .expect("tagged enum serialises to an object");
+    obj.insert("jsonrpc".into(), "2.0".into());
+    obj.insert("id".into(), id.into());
+    v
+}
+
+/// Build a success response envelope.
+pub fn result_message(id: &serde_json::Value, result: &impl Serialize) -> serde_json::Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result})
+}
+
+/// Build an error response envelope (`id` is null when the request's id could not be read).
+pub fn error_message(id: &serde_json::Value, err: &RpcError) -> serde_json::Value {
+    serde_json::json!({"jsonrpc": "2.0", "id": id, "error": err})
+}
+
+/// Is `theirs` (semver) compatible with [`PROTOCOL_VERSION`]? Same major version.
+pub fn version_compatible(theirs: &str) -> bool {
+    let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u64>().ok());
+    major(theirs).is_some() && major(theirs) == major(PROTOCOL_VERSION)
+}

@@ -1,0 +1,2 @@
+//! tar rules. STUB.
+#![allow(missing_docs, unused)]

@@ -1,0 +1,2 @@
+//! Import pipeline. STUB.
+#![allow(missing_docs, unused)]

@@ -1,0 +1,2 @@
+//! composefs repository. STUB.
+#![allow(missing_docs, unused)]
