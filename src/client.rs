@@ -1,2 +1,615 @@
-//! The parent side. STUB.
-#![allow(missing_docs, unused)]
+//! The parent side: spawn a helper, talk to it, read layer streams.
+//!
+//! ```no_run
+//! use splitfdstream::client::{LayerItem, Proxy, ProxyConfig};
+//! use splitfdstream::proto::rpc::LayerSelector;
+//!
+//! let source: splitfdstream::proto::source::ImageRef = "oci:examples/hello-oci:hello".parse()?;
+//! let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
+//! let image = proxy.open_image(&source.reference)?;
+//! let mut layer = proxy.get_layer(image.image, LayerSelector::Index(0), None)?;
+//! while let Some(item) = layer.next_item()? {
+//!     match item {
+//!         LayerItem::Inline(bytes) => { /* exact tar bytes */ let _ = bytes; }
+//!         LayerItem::File { fd, size, .. } => { /* reflink or copy `size` bytes from `fd` */ let _ = (fd, size); }
+//!     }
+//! }
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+//!
+//! Every blocking wait on the socket is raced against the helper's exit (a pidfd), so a helper
+//! that dies mid-request is an error carrying its exit status and the tail of its stderr, never a
+//! hang. Layer pipes need no such race: the helper holds their only write end, so its death is EOF.
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::proto::fdpass::Transport;
+use crate::proto::rpc::{
+    self, LayerInfo, LayerSelector, OpenImageResult, Request, RpcError, StreamEnd,
+};
+use crate::proto::source::Store;
+use crate::proto::stream::{self, Item};
+
+/// Bytes of the helper's stderr kept for error messages.
+const STDERR_TAIL: usize = 4096;
+
+/// How long to wait for the helper's last stderr bytes after it exited.
+const STDERR_GRACE: Duration = Duration::from_millis(300);
+
+/// fds the client keeps free for itself (sockets, pipes, repository files) when sizing batches.
+const RESERVED_FDS: u64 = 32;
+
+/// How to start a helper.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The store the helper serves.
+    pub store: Store,
+    /// Program to run as the helper; default: the current executable.
+    pub helper_exe: Option<PathBuf>,
+    /// Command prefix, e.g. `["sudo", "-n"]` or `["systemd-run", "--pipe", …]`.
+    pub command_prefix: Vec<OsString>,
+}
+
+impl ProxyConfig {
+    /// Run the current executable as helper for `store`.
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            helper_exe: None,
+            command_prefix: Vec::new(),
+        }
+    }
+}
+
+/// A running helper and the connection to it. Dropping it kills and reaps the helper.
+#[derive(Debug)]
+pub struct Proxy {
+    transport: Transport,
+    child: Child,
+    pidfd: OwnedFd,
+    stderr: Arc<Mutex<StderrTail>>,
+    next_id: u64,
+    fd_batch: u32,
+    info: rpc::InitializeResult,
+}
+
+#[derive(Debug, Default)]
+struct StderrTail {
+    bytes: VecDeque<u8>,
+    eof: bool,
+}
+
+/// Errors a caller may want to branch on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The helper answered with a JSON-RPC error.
+    #[error("helper: {0}")]
+    Rpc(RpcError),
+    /// The helper process exited.
+    #[error("helper exited ({status}){stderr}")]
+    HelperExited {
+        /// Its exit status.
+        status: ExitStatus,
+        /// The tail of its stderr, prefixed with ": " when non-empty.
+        stderr: String,
+    },
+    /// The helper speaks an incompatible protocol version.
+    #[error("helper speaks protocol {theirs}, this client {ours}")]
+    VersionMismatch {
+        /// The helper's version.
+        theirs: String,
+        /// Ours.
+        ours: &'static str,
+    },
+}
+
+impl Proxy {
+    /// Start a helper for `config.store` and initialize the session.
+    ///
+    /// # Errors
+    /// The helper cannot be started, dies, or speaks an incompatible protocol.
+    pub fn spawn(config: &ProxyConfig) -> anyhow::Result<Proxy> {
+        use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let (ours, theirs) = socketpair(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .context("creating helper socketpair")?;
+        let exe = match &config.helper_exe {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("locating the current executable")?,
+        };
+        let mut cmd = match config.command_prefix.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
+        // The socket becomes the child's stdin: inheriting it needs no unsafe `pre_exec`, and the
+        // fd number is still passed explicitly.
+        cmd.arg("helper")
+            .arg("--socket-fd")
+            .arg("0")
+            .arg("--store")
+            .arg(config.store.to_string())
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
+            .stdin(Stdio::from(theirs))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting helper {}", exe.display()))?;
+        // Not reaped until we wait, so the pid cannot be reused before pidfd_open.
+        let pid = rustix::process::Pid::from_child(&child);
+        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(anyhow::Error::new(e).context("pidfd_open on the helper"));
+            }
+        };
+        let stderr = Arc::new(Mutex::new(StderrTail::default()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let tail = stderr.clone();
+            std::thread::Builder::new()
+                .name("helper-stderr".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let n = match pipe.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                        t.bytes.extend(&buf[..n]);
+                        let excess = t.bytes.len().saturating_sub(STDERR_TAIL);
+                        t.bytes.drain(..excess);
+                    }
+                    tail.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
+                })
+                .context("starting helper stderr reader")?;
+        }
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let fd_batch = u32::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
+            .unwrap_or(rpc::MAX_FDS_PER_REPLY)
+            .clamp(1, rpc::MAX_FDS_PER_REPLY);
+        let mut proxy = Proxy {
+            transport: Transport::new(ours),
+            child,
+            pidfd,
+            stderr,
+            next_id: 1,
+            fd_batch,
+            info: rpc::InitializeResult {
+                protocol_version: String::new(),
+                helper_version: String::new(),
+                capabilities: vec![],
+            },
+        };
+        let (info, _): (rpc::InitializeResult, _) =
+            proxy.call(&Request::Initialize(rpc::InitializeParams {
+                protocol_version: Some(rpc::PROTOCOL_VERSION.into()),
+            }))?;
+        if !rpc::version_compatible(&info.protocol_version) {
+            return Err(ProxyError::VersionMismatch {
+                theirs: info.protocol_version,
+                ours: rpc::PROTOCOL_VERSION,
+            }
+            .into());
+        }
+        proxy.info = info;
+        Ok(proxy)
+    }
+
+    /// What the helper announced in `Initialize`.
+    pub fn helper_info(&self) -> &rpc::InitializeResult {
+        &self.info
+    }
+
+    /// The helper's process id (for diagnostics and tests).
+    pub fn helper_pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_child(&self.child)
+    }
+
+    /// Most fds asked for per `GetLayerFds` (sized from this process's RLIMIT_NOFILE).
+    pub fn fd_batch(&self) -> u32 {
+        self.fd_batch
+    }
+
+    /// Limit the fds asked for per `GetLayerFds` (1..=253).
+    pub fn set_fd_batch(&mut self, n: u32) {
+        self.fd_batch = n.clamp(1, rpc::MAX_FDS_PER_REPLY);
+    }
+
+    /// One request/response exchange; the reply's fds are returned with the typed result.
+    fn call<T: DeserializeOwned>(&mut self, req: &Request) -> anyhow::Result<(T, Vec<OwnedFd>)> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = rpc::request_message(id, req);
+        if let Err(e) = self.transport.send(&msg, &[]) {
+            return Err(self
+                .exit_error()
+                .unwrap_or_else(|| anyhow::Error::new(e).context("sending request to helper")));
+        }
+        let pidfd = self.pidfd.as_fd();
+        let received = self
+            .transport
+            .recv_with(&mut |sock| wait_readable(sock, pidfd));
+        let (reply, fds) = match received {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                return Err(self
+                    .exit_error()
+                    .unwrap_or_else(|| anyhow!("helper closed the connection")));
+            }
+            Err(e) => {
+                return Err(self.exit_error().unwrap_or_else(|| {
+                    anyhow::Error::new(e).context("receiving reply from helper")
+                }));
+            }
+        };
+        if reply.get("id").and_then(Value::as_u64) != Some(id) {
+            bail!(
+                "helper replied to request {:?}, expected {id}",
+                reply.get("id")
+            );
+        }
+        if let Some(err) = reply.get("error") {
+            let err: RpcError =
+                serde_json::from_value(err.clone()).context("malformed error reply from helper")?;
+            return Err(ProxyError::Rpc(err).into());
+        }
+        let result = reply
+            .get("result")
+            .cloned()
+            .ok_or_else(|| anyhow!("helper reply has neither result nor error"))?;
+        let typed = serde_json::from_value(result).context("malformed result from helper")?;
+        Ok((typed, fds))
+    }
+
+    /// If the helper has exited, the error describing how (with its stderr tail).
+    fn exit_error(&mut self) -> Option<anyhow::Error> {
+        // Give a dying helper a moment: an EOF on the socket can precede the exit by microseconds.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break s,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => return None,
+            }
+        };
+        let deadline = Instant::now() + STDERR_GRACE;
+        while !self.stderr.lock().unwrap_or_else(|e| e.into_inner()).eof
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let tail = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: Vec<u8> = tail.bytes.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        let stderr = if text.is_empty() {
+            String::new()
+        } else {
+            format!(": {text}")
+        };
+        Some(ProxyError::HelperExited { status, stderr }.into())
+    }
+
+    /// Resolve an image in the helper's store.
+    ///
+    /// # Errors
+    /// The image does not exist ([`ProxyError::Rpc`] with code -32010) or the helper failed.
+    pub fn open_image(&mut self, reference: &str) -> anyhow::Result<OpenImageResult> {
+        let (r, _) = self
+            .call(&Request::OpenImage(rpc::OpenImageParams {
+                reference: reference.into(),
+            }))
+            .with_context(|| format!("opening image {reference:?}"))?;
+        Ok(r)
+    }
+
+    /// Release an image handle.
+    ///
+    /// # Errors
+    /// Unknown handle or helper failure.
+    pub fn close_image(&mut self, image: u64) -> anyhow::Result<()> {
+        let (_, _): (Value, _) =
+            self.call(&Request::CloseImage(rpc::CloseImageParams { image }))?;
+        Ok(())
+    }
+
+    /// Start streaming a layer. Bodies of at most `inline_threshold` bytes (default 64) arrive inline.
+    ///
+    /// # Errors
+    /// Unknown image handle or layer, or helper failure.
+    pub fn get_layer(
+        &mut self,
+        image: u64,
+        layer: LayerSelector,
+        inline_threshold: Option<u64>,
+    ) -> anyhow::Result<LayerStream<'_>> {
+        let what = format!("{layer:?}");
+        let (r, mut fds): (rpc::GetLayerResult, _) = self
+            .call(&Request::GetLayer(rpc::GetLayerParams {
+                image,
+                layer,
+                inline_threshold,
+            }))
+            .with_context(|| format!("requesting layer {what}"))?;
+        if fds.len() != 1 {
+            bail!(
+                "helper sent {} fds with GetLayer, expected 1 (the stream pipe)",
+                fds.len()
+            );
+        }
+        let pipe = File::from(fds.pop().expect("checked length"));
+        Ok(LayerStream {
+            proxy: self,
+            stream: r.stream,
+            layer: r.layer,
+            reader: Some(stream::Reader::new(pipe)),
+            fds: VecDeque::new(),
+            received: 0,
+            end: None,
+        })
+    }
+
+    /// End the session cleanly and reap the helper.
+    ///
+    /// # Errors
+    /// The helper failed to shut down cleanly.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        let (_, _): (Value, _) = self.call(&Request::Shutdown(rpc::ShutdownParams {}))?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for helper")? {
+                if !status.success() {
+                    bail!("helper exited with {status} after Shutdown");
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("helper did not exit within 5 s of Shutdown");
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        // PR_SET_PDEATHSIG in the helper is only a backstop; the parent ends the child itself.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Block until `sock` is readable; error if the helper exits first.
+fn wait_readable(sock: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, poll};
+    loop {
+        let mut fds = [
+            PollFd::new(&sock, PollFlags::IN),
+            PollFd::new(&pidfd, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        // Data already sent by a helper that then exited is still read first.
+        if !fds[0].revents().is_empty() {
+            return Ok(());
+        }
+        if !fds[1].revents().is_empty() {
+            return Err(std::io::Error::other("helper exited"));
+        }
+    }
+}
+
+/// One item of a layer, in tar order.
+#[derive(Debug)]
+pub enum LayerItem<'a> {
+    /// Exact tar bytes (headers, padding, small bodies).
+    Inline(&'a [u8]),
+    /// One whole regular-file body: a regular file of exactly `size` bytes (checked).
+    File {
+        /// The file, opened read-only by the helper.
+        fd: OwnedFd,
+        /// Body size from the tar header.
+        size: u64,
+        /// tar-split's CRC-64/ISO of the body, when the helper knows it.
+        crc64: Option<u64>,
+    },
+}
+
+/// A layer being received. Dropping it before the end abandons the stream.
+#[derive(Debug)]
+pub struct LayerStream<'p> {
+    proxy: &'p mut Proxy,
+    stream: u64,
+    layer: LayerInfo,
+    reader: Option<stream::Reader<File>>,
+    fds: VecDeque<(OwnedFd, Option<u64>)>,
+    received: u64,
+    end: Option<StreamEnd>,
+}
+
+impl LayerStream<'_> {
+    /// The layer being streamed.
+    pub fn layer(&self) -> &LayerInfo {
+        &self.layer
+    }
+
+    /// Next item, or `None` once the helper confirmed the layer complete and every count matched.
+    ///
+    /// # Errors
+    /// A malformed stream, a bad fd, a helper-side failure (its message), or a helper that died.
+    /// After an error the stream is unusable.
+    pub fn next_item(&mut self) -> anyhow::Result<Option<LayerItem<'_>>> {
+        let Some(reader) = self.reader.as_mut() else {
+            bail!("layer {} stream already ended", self.layer.diff_id);
+        };
+        let item = match reader.next_item() {
+            Ok(Some(Item::Inline(_))) => None,
+            Ok(Some(Item::FdRef { index, size })) => Some((index, size, reader.offset())),
+            Ok(None) => {
+                let (entries, fd_refs, bytes) =
+                    (reader.entries(), reader.fd_refs(), reader.tar_bytes());
+                self.reader = None;
+                return self.finish(entries, fd_refs, bytes).map(|()| None);
+            }
+            Err(e) => return Err(self.fail(anyhow::Error::new(e))),
+        };
+        // Inline bytes are re-borrowed here so the returned slice borrows `self` as a whole.
+        let Some(item) = item else {
+            return Ok(Some(LayerItem::Inline(
+                self.reader.as_ref().expect("present").last_inline(),
+            )));
+        };
+        let (index, size, offset) = item;
+        if self.fds.is_empty() {
+            if let Err(e) = self.fetch_fds() {
+                return Err(self.fail(e));
+            }
+            if self.fds.is_empty() {
+                let e = anyhow!(
+                    "stream references fd {index} but the helper ended the stream without sending it"
+                );
+                return Err(self.fail(e));
+            }
+        }
+        let (fd, crc64) = self.fds.pop_front().expect("checked non-empty");
+        // The n-th reference must be the n-th fd received (the reader checks the order of indices).
+        if let Err(e) = stream::check_file_fd(fd.as_fd(), index, size, offset) {
+            return Err(self.fail(anyhow::Error::new(e)));
+        }
+        Ok(Some(LayerItem::File { fd, size, crc64 }))
+    }
+
+    fn fetch_fds(&mut self) -> anyhow::Result<()> {
+        let max = self.proxy.fd_batch;
+        let (r, fds): (rpc::GetLayerFdsResult, _) =
+            self.proxy
+                .call(&Request::GetLayerFds(rpc::GetLayerFdsParams {
+                    stream: self.stream,
+                    max,
+                }))?;
+        if fds.len() != r.count as usize || r.crc64.len() != fds.len() || r.count > max {
+            bail!(
+                "GetLayerFds reply says {} fds ({} CRCs), {} attached, {max} asked",
+                r.count,
+                r.crc64.len(),
+                fds.len()
+            );
+        }
+        for (fd, crc) in fds.into_iter().zip(r.crc64) {
+            let crc = match crc {
+                Some(hex) => Some(
+                    u64::from_str_radix(&hex, 16)
+                        .with_context(|| format!("bad crc64 {hex:?} from helper"))?,
+                ),
+                None => None,
+            };
+            self.fds.push_back((fd, crc));
+        }
+        self.received += self.fds.len() as u64;
+        if let Some(end) = r.end {
+            self.end = Some(end);
+        }
+        Ok(())
+    }
+
+    /// Clean end of the pipe: the helper must confirm the layer complete with matching counts.
+    fn finish(&mut self, entries: u64, fd_refs: u64, bytes: u64) -> anyhow::Result<()> {
+        while self.end.is_none() {
+            self.fetch_fds()
+                .with_context(|| format!("waiting for the end of layer {}", self.layer.diff_id))?;
+        }
+        if !self.fds.is_empty() {
+            bail!(
+                "layer {}: helper sent {} fds that the stream never referenced",
+                self.layer.diff_id,
+                self.fds.len()
+            );
+        }
+        match self.end.as_ref().expect("loop above") {
+            StreamEnd::Complete {
+                entries: e,
+                fds: f,
+                bytes: b,
+            } if (*e, *f, *b) == (entries, fd_refs, bytes) => Ok(()),
+            StreamEnd::Complete {
+                entries: e,
+                fds: f,
+                bytes: b,
+            } => bail!(
+                "layer {}: helper reports {e} entries, {f} fds, {b} bytes; stream had {entries}, {fd_refs}, {bytes}",
+                self.layer.diff_id
+            ),
+            StreamEnd::Failed { message } => bail!("helper failed to produce {message}"),
+        }
+    }
+
+    /// Turn a reader or transport error into the most telling error: the helper's own failure
+    /// message or its exit, when there is one.
+    fn fail(&mut self, err: anyhow::Error) -> anyhow::Error {
+        // Close our end first: a producer blocked on a full pipe then fails and reports.
+        self.reader = None;
+        let err = err.context(format!("reading layer {}", self.layer.diff_id));
+        // A dead helper shows up here: `call` races every wait against its exit.
+        let mut tries = 0;
+        while self.end.is_none() && tries < 100_000 {
+            tries += 1;
+            self.fds.clear();
+            if let Err(e) = self.fetch_fds() {
+                return e.context(format!("layer {} incomplete", self.layer.diff_id));
+            }
+        }
+        match &self.end {
+            Some(StreamEnd::Failed { message }) => {
+                err.context(format!("helper failed to produce {message}"))
+            }
+            _ => err,
+        }
+    }
+}
+
+impl Drop for LayerStream<'_> {
+    fn drop(&mut self) {
+        if self.end.is_none() {
+            // Abandoned: close the pipe so the producer stops, then release the stream.
+            self.reader = None;
+            let _ = self
+                .proxy
+                .call::<Value>(&Request::CloseLayer(rpc::CloseLayerParams {
+                    stream: self.stream,
+                }));
+        }
+    }
+}

@@ -64,6 +64,10 @@ impl<R: Read> Reader<R> {
     pub fn next_item(&mut self) -> Result<Option<Item<'_>>, StreamError> {
         todo!()
     }
+    /// The bytes of the most recent `Item::Inline` (empty before any).
+    pub fn last_inline(&self) -> &[u8] {
+        todo!()
+    }
     /// Byte offset in the splitfdstream of the next chunk prefix.
     pub fn offset(&self) -> u64 {
         todo!()

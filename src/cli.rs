@@ -1,0 +1,216 @@
+//! Command-line parsing and the sinks of the binary. stdout carries only data.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use sha2::{Digest, Sha256};
+
+use splitfdstream::client::{LayerItem, Proxy, ProxyConfig};
+use splitfdstream::helper::tarsplit::crc64_iso;
+use splitfdstream::proto::rpc::LayerSelector;
+use splitfdstream::proto::source::{ImageRef, Store};
+
+/// Move container image layers as tar metadata plus file descriptors.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show an image: id, digests, and per layer its diff_id, size and entry count.
+    Inspect {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the exact tar of one layer to stdout, verifying its diff_id.
+    Tar {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// Layer index (0 = base layer) or `sha256:…` diff_id.
+        #[arg(long)]
+        layer: String,
+        /// Check every body against the CRC-64 recorded by tar-split.
+        #[arg(long)]
+        verify_crc: bool,
+        /// Bodies of at most this many bytes travel inline instead of as fds.
+        #[arg(long, default_value_t = splitfdstream::proto::rpc::DEFAULT_INLINE_THRESHOLD)]
+        inline_threshold: u64,
+    },
+    /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
+    #[command(hide = true)]
+    Helper {
+        /// The inherited socket's fd number.
+        #[arg(long)]
+        socket_fd: i32,
+        /// The one store this helper serves.
+        #[arg(long)]
+        store: String,
+        /// The spawning process: exit at once if it is already gone.
+        #[arg(long)]
+        parent_pid: Option<i32>,
+    },
+}
+
+/// Run the command line; errors are printed once, as `splitfdstream: {:#}`.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Like ripgrep: a reader that went away (`| head`) is not our failure.
+            if e.chain().any(|c| {
+                c.downcast_ref::<io::Error>()
+                    .is_some_and(|e| e.kind() == io::ErrorKind::BrokenPipe)
+            }) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("splitfdstream: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Inspect { source, json } => inspect(&source, json),
+        Cmd::Tar {
+            source,
+            layer,
+            verify_crc,
+            inline_threshold,
+        } => tar(&source, &layer, verify_crc, inline_threshold),
+        Cmd::Helper {
+            socket_fd,
+            store,
+            parent_pid,
+        } => helper(socket_fd, &store, parent_pid),
+    }
+}
+
+fn helper(socket_fd: i32, store: &str, parent_pid: Option<i32>) -> anyhow::Result<()> {
+    // A backstop only: the client kills and reaps us itself.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .context("setting PR_SET_PDEATHSIG")?;
+    // The parent may have died before the line above: then no signal will ever come.
+    if let Some(pid) = parent_pid {
+        let ppid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
+        if ppid != Some(pid) {
+            bail!("parent process {pid} is gone");
+        }
+    }
+    let store = Store::parse_arg(store)?;
+    let sock = crate::adopt_socket_fd(socket_fd)?;
+    splitfdstream::helper::server::serve(sock, store)
+}
+
+fn inspect(source: &ImageRef, json: bool) -> anyhow::Result<()> {
+    let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
+    let image = proxy.open_image(&source.reference)?;
+    let mut out = io::stdout().lock();
+    if json {
+        let v = serde_json::json!({
+            "imageId": image.image_id,
+            "manifestDigest": image.manifest_digest,
+            "configDigest": image.config_digest,
+            "layers": image.layers,
+        });
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "image id:  {}", image.image_id)?;
+        writeln!(out, "manifest:  {}", image.manifest_digest)?;
+        writeln!(out, "config:    {}", image.config_digest)?;
+        writeln!(out, "layers:    {} (base first)", image.layers.len())?;
+        for (i, l) in image.layers.iter().enumerate() {
+            let size = l.size.map_or("-".to_string(), |s| s.to_string());
+            let entries = l.entries.map_or("-".to_string(), |s| s.to_string());
+            writeln!(
+                out,
+                "  {i:>3}  {}  size {size}  entries {entries}",
+                l.diff_id
+            )?;
+        }
+    }
+    out.flush()?;
+    proxy.shutdown()
+}
+
+/// Read buffer for bodies: large enough to amortise syscalls (coreutils uses 128 KiB+).
+const BODY_BUF: usize = 1 << 20;
+
+fn tar(
+    source: &ImageRef,
+    layer: &str,
+    verify_crc: bool,
+    inline_threshold: u64,
+) -> anyhow::Result<()> {
+    let selector = match layer.parse::<u64>() {
+        Ok(i) => LayerSelector::Index(i),
+        Err(_) => LayerSelector::DiffId(layer.to_owned()),
+    };
+    let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
+    let image = proxy.open_image(&source.reference)?;
+    let mut stream = proxy.get_layer(image.image, selector, Some(inline_threshold))?;
+    let diff_id = stream.layer().diff_id.clone();
+    let mut out = io::BufWriter::with_capacity(256 << 10, io::stdout().lock());
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; BODY_BUF];
+    let mut files = 0u64;
+    while let Some(item) = stream.next_item()? {
+        match item {
+            LayerItem::Inline(bytes) => {
+                sha.update(bytes);
+                out.write_all(bytes)?;
+            }
+            LayerItem::File { fd, size, crc64 } => {
+                files += 1;
+                let mut file = File::from(fd);
+                let mut left = size;
+                let mut crc = 0u64;
+                // The hash needs every byte in this process, so the body is read once into one
+                // buffer that feeds the hash, the CRC and the output.
+                while left > 0 {
+                    let want = usize::try_from(left.min(BODY_BUF as u64)).expect("≤ BODY_BUF");
+                    let n = file
+                        .read(&mut buf[..want])
+                        .with_context(|| format!("reading body {files} of layer {diff_id}"))?;
+                    if n == 0 {
+                        bail!(
+                            "layer {diff_id}: body {files} shrank while being read ({left} of {size} bytes missing)"
+                        );
+                    }
+                    sha.update(&buf[..n]);
+                    if verify_crc {
+                        crc = crc64_iso(crc, &buf[..n]);
+                    }
+                    out.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                if verify_crc {
+                    if let Some(expected) = crc64 {
+                        if crc != expected {
+                            bail!(
+                                "layer {diff_id}: body {files} has CRC-64 {crc:016x}, tar-split recorded {expected:016x}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop(stream);
+    out.flush()?;
+    let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+    if actual != diff_id {
+        bail!("layer {diff_id}: the stream hashes to {actual}; refusing it");
+    }
+    proxy.shutdown()
+}
