@@ -2,7 +2,11 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -11,7 +15,26 @@ use sha2::{Digest, Sha256};
 use splitfdstream::client::{LayerItem, Proxy, ProxyConfig};
 use splitfdstream::helper::tarsplit::crc64_iso;
 use splitfdstream::proto::rpc::LayerSelector;
+use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::source::{ImageRef, Store};
+use splitfdstream::pull::{LayerStatus, Progress, PullOptions};
+use splitfdstream::repo::HashAlg;
+
+/// `--hash` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum HashArg {
+    Sha256,
+    Sha512,
+}
+
+impl HashArg {
+    fn alg(self) -> HashAlg {
+        match self {
+            HashArg::Sha256 => HashAlg::Sha256,
+            HashArg::Sha512 => HashAlg::Sha512,
+        }
+    }
+}
 
 /// Move container image layers as tar metadata plus file descriptors.
 #[derive(Debug, Parser)]
@@ -44,6 +67,29 @@ enum Cmd {
         /// Bodies of at most this many bytes travel inline instead of as fds.
         #[arg(long, default_value_t = splitfdstream::proto::rpc::DEFAULT_INLINE_THRESHOLD)]
         inline_threshold: u64,
+    },
+    /// Import an image into a composefs repository (reflinked, verified, atomic).
+    Pull {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// The repository (created if missing).
+        #[arg(long)]
+        repo: PathBuf,
+        /// Tag to write; default: the source reference.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Digest for a new repository.
+        #[arg(long, value_enum)]
+        hash: Option<HashArg>,
+        /// Layers imported in parallel (default: cores, at most 8).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Print the summary as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Bodies of at most this many bytes travel inline instead of as fds.
+        #[arg(long)]
+        inline_threshold: Option<u64>,
     },
     /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
     #[command(hide = true)]
@@ -213,4 +259,138 @@ fn tar(
         bail!("layer {diff_id}: the stream hashes to {actual}; refusing it");
     }
     proxy.shutdown()
+}
+
+/// Progress on stderr when it is a terminal: one line, redrawn at most every 100 ms.
+struct Bar {
+    total_bytes: AtomicU64,
+    bytes: AtomicU64,
+    files: AtomicU64,
+    layers: AtomicU64,
+    todo: AtomicU64,
+    last: Mutex<Instant>,
+}
+
+impl Bar {
+    fn draw(&self, force: bool) {
+        let Ok(mut last) = self.last.try_lock() else { return };
+        if !force && last.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        *last = Instant::now();
+        let (b, t) = (self.bytes.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed));
+        let pct = if t > 0 { b.saturating_mul(100) / t } else { 0 };
+        eprint!(
+            "\r\x1b[2Klayers {}/{}  {} / {} ({pct}%)  {} files",
+            self.layers.load(Ordering::Relaxed),
+            self.todo.load(Ordering::Relaxed),
+            human(b),
+            human(t),
+            self.files.load(Ordering::Relaxed)
+        );
+    }
+}
+
+impl Progress for Bar {
+    fn image(&self, layers: &[LayerInfo], todo: usize) {
+        self.todo.store(todo as u64, Ordering::Relaxed);
+        let _ = layers;
+        self.draw(true);
+    }
+    fn advance(&self, _index: usize, bytes: u64, files: u64) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.files.fetch_add(files, Ordering::Relaxed);
+        self.draw(false);
+    }
+    fn layer_done(&self, _index: usize) {
+        self.layers.fetch_add(1, Ordering::Relaxed);
+        self.draw(true);
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    let bar = Bar {
+        total_bytes: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+        files: AtomicU64::new(0),
+        layers: AtomicU64::new(0),
+        todo: AtomicU64::new(0),
+        last: Mutex::new(Instant::now()),
+    };
+    let tty = io::stderr().is_terminal();
+    let result = if tty {
+        splitfdstream::pull::pull(source, repo, opts, &TotalFromImage(&bar))
+    } else {
+        splitfdstream::pull::pull(source, repo, opts, &splitfdstream::pull::NoProgress)
+    };
+    if tty {
+        eprint!("\r\x1b[2K");
+    }
+    let s = result?;
+    let imported = s.layers.iter().filter(|l| l.status == LayerStatus::Imported).count();
+    let bytes: u64 = s.layers.iter().map(|l| l.bytes).sum();
+    let files: u64 = s.layers.iter().map(|l| l.files).sum();
+    if json {
+        let v = serde_json::json!({
+            "type": "pull",
+            "imageId": s.image_id,
+            "manifestDigest": s.manifest_digest,
+            "configDigest": s.config_digest,
+            "tag": s.tag,
+            "erofsImage": s.erofs_image,
+            "layers": s.layers.iter().map(|l| serde_json::json!({
+                "diffId": l.diff_id,
+                "status": match l.status { LayerStatus::Present => "present", LayerStatus::Imported => "imported" },
+                "files": l.files,
+                "bytes": l.bytes,
+            })).collect::<Vec<_>>(),
+            "objects": {"reflinked": s.objects.reflinked, "copied": s.objects.copied, "reused": s.objects.reused},
+            "seconds": s.elapsed.as_secs_f64(),
+        });
+        let mut out = io::stdout().lock();
+        writeln!(out, "{v}")?;
+        out.flush()?;
+    }
+    eprintln!(
+        "pulled {} as {}: {imported} of {} layers imported, {} in {files} files; objects {} reflinked, {} copied, {} reused; {:.2} s{}",
+        source,
+        s.tag,
+        s.layers.len(),
+        human(bytes),
+        s.objects.reflinked,
+        s.objects.copied,
+        s.objects.reused,
+        s.elapsed.as_secs_f64(),
+        if s.erofs_image.is_none() { " (no composefs image: see `repo::oci::publish_image`)" } else { "" }
+    );
+    Ok(())
+}
+
+/// Sets the bar's total from the image's layer sizes before forwarding.
+struct TotalFromImage<'a>(&'a Bar);
+
+impl Progress for TotalFromImage<'_> {
+    fn image(&self, layers: &[LayerInfo], todo: usize) {
+        let total = layers.iter().filter_map(|l| l.size).sum();
+        self.0.total_bytes.store(total, Ordering::Relaxed);
+        self.0.image(layers, todo);
+    }
+    fn advance(&self, index: usize, bytes: u64, files: u64) {
+        self.0.advance(index, bytes, files);
+    }
+    fn layer_done(&self, index: usize) {
+        self.0.layer_done(index);
+    }
 }

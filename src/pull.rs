@@ -1,2 +1,319 @@
-//! Import pipeline. STUB.
-#![allow(missing_docs, unused)]
+//! `pull`: import an image into a composefs repository.
+//!
+//! ```text
+//!  helper ──splitfdstream + fds──▶ worker (one helper each, layers in parallel)
+//!                                    │ LayerImporter: reflink each body, hash it once
+//!                                    │ (fs-verity digest + the layer's sha256 from one buffer)
+//!                                    ▼
+//!                     layer splitstream object, diff_id verified
+//!  syncfs ─▶ link oci-layer-<diff_id> ─▶ config/manifest streams + EROFS image ─▶ tag ─▶ syncfs
+//! ```
+//!
+//! Nothing unverified becomes visible: a layer stream is linked only after its diff_id matched
+//! and its objects exist and were synced; the tag is written last. A failure leaves only
+//! unreferenced objects, and a re-run picks up where it stopped (present layers are skipped).
+
+use std::ffi::OsString;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use sha2::{Digest, Sha256};
+
+use crate::client::{LayerItem, Proxy, ProxyConfig};
+use crate::proto::rpc::{self, LayerInfo, LayerSelector};
+use crate::proto::source::ImageRef;
+use crate::repo::oci::{LayerImporter, publish_image, publish_layer};
+use crate::repo::{HashAlg, ObjectId, Repository};
+
+/// Receives progress reports; the CLI draws a bar from them. All methods default to nothing.
+pub trait Progress: Sync {
+    /// The image resolved; `todo` layers will be imported (the others are present already).
+    fn image(&self, _layers: &[LayerInfo], _todo: usize) {}
+    /// `bytes` of layer `index` were imported, and `files` more bodies.
+    fn advance(&self, _index: usize, _bytes: u64, _files: u64) {}
+    /// Layer `index` finished (successfully or not).
+    fn layer_done(&self, _index: usize) {}
+}
+
+/// A [`Progress`] that reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// Options of [`pull`].
+#[derive(Debug, Clone, Default)]
+pub struct PullOptions {
+    /// Digest for a new repository (default sha512); must match an existing one.
+    pub hash: Option<HashAlg>,
+    /// Tag to write (`streams/refs/oci/<tag>`); default: the source reference as given.
+    pub tag: Option<String>,
+    /// Layers imported in parallel (one helper each); default: available cores, at most 8.
+    pub jobs: Option<usize>,
+    /// Bodies of at most this many bytes travel inline (default 64, composefs's inline limit).
+    pub inline_threshold: Option<u64>,
+    /// Helper program; default: the current executable (see [`ProxyConfig::helper_exe`]).
+    pub helper_exe: Option<PathBuf>,
+    /// Command prefix for the helper (e.g. `sudo -n`).
+    pub command_prefix: Vec<OsString>,
+}
+
+/// What happened to one layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayerStatus {
+    /// Already in the repository; not read.
+    Present,
+    /// Imported and verified by this pull.
+    Imported,
+}
+
+/// Per-layer outcome.
+#[derive(Debug, Clone)]
+pub struct LayerOutcome {
+    /// The layer's diff_id.
+    pub diff_id: String,
+    /// What happened.
+    pub status: LayerStatus,
+    /// Bodies received as fds.
+    pub files: u64,
+    /// Bytes of layer tar processed.
+    pub bytes: u64,
+}
+
+/// Result of a successful pull.
+#[derive(Debug, Clone)]
+pub struct PullSummary {
+    /// Image id (hex sha256 of the config).
+    pub image_id: String,
+    /// `sha256:…` of the manifest.
+    pub manifest_digest: String,
+    /// `sha256:…` of the config.
+    pub config_digest: String,
+    /// The tag written.
+    pub tag: String,
+    /// Layers, base first.
+    pub layers: Vec<LayerOutcome>,
+    /// The composefs EROFS image id, when one could be built (see `repo::oci::publish_image`).
+    pub erofs_image: Option<String>,
+    /// Objects by how they were stored.
+    pub objects: crate::repo::StoreCounts,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+/// Most layers imported at once by default: each runs its own helper and one core of hashing.
+const MAX_DEFAULT_JOBS: usize = 8;
+
+/// Pull `source` into the repository at `repo_path` (created if missing).
+///
+/// # Errors
+/// Names the layer at fault. Layers verified before the failure stay in the repository (they
+/// are complete and correct); nothing of a failed layer, and no tag, is published.
+pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &dyn Progress) -> anyhow::Result<PullSummary> {
+    let start = Instant::now();
+    let repo = Repository::open_or_create(repo_path, opts.hash)
+        .with_context(|| format!("opening repository {}", repo_path.display()))?;
+    let proxy_config = ProxyConfig {
+        store: source.store.clone(),
+        helper_exe: opts.helper_exe.clone(),
+        command_prefix: opts.command_prefix.clone(),
+    };
+    let mut proxy = Proxy::spawn(&proxy_config)?;
+    let image = proxy.open_image(&source.reference)?;
+    check_image(&image)?;
+    let tag = opts.tag.clone().unwrap_or_else(|| source.reference.clone());
+    anyhow::ensure!(!tag.is_empty(), "no tag given and the source has no reference to use as one");
+
+    let mut outcomes: Vec<LayerOutcome> = Vec::with_capacity(image.layers.len());
+    let mut streams: Vec<Option<ObjectId>> = Vec::with_capacity(image.layers.len());
+    let mut todo = Vec::new();
+    for (i, layer) in image.layers.iter().enumerate() {
+        let present = repo.has_stream(&format!("oci-layer-{}", layer.diff_id))?;
+        if present.is_none() {
+            todo.push(i);
+        }
+        outcomes.push(LayerOutcome {
+            diff_id: layer.diff_id.clone(),
+            status: if present.is_some() { LayerStatus::Present } else { LayerStatus::Imported },
+            files: 0,
+            bytes: 0,
+        });
+        streams.push(present);
+    }
+    progress.image(&image.layers, todo.len());
+
+    let threshold = opts.inline_threshold.unwrap_or(rpc::DEFAULT_INLINE_THRESHOLD);
+    let jobs = opts
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DEFAULT_JOBS))
+        .clamp(1, todo.len().max(1));
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, anyhow::Result<(ObjectId, u64, u64)>)>> = Mutex::new(Vec::new());
+    let counts = Mutex::new(crate::repo::StoreCounts::default());
+    std::thread::scope(|s| {
+        let work = |proxy: &mut Proxy, handle: u64| loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(&index) = todo.get(k) else { break };
+            let layer = &image.layers[index];
+            let r = import_layer(&repo, proxy, handle, index, layer, threshold, progress, &counts)
+                .with_context(|| format!("layer {index} ({})", layer.diff_id));
+            progress.layer_done(index);
+            results.lock().unwrap_or_else(|e| e.into_inner()).push((index, r));
+        };
+        for _ in 1..jobs {
+            s.spawn(|| {
+                // Each worker has its own helper, so layers stream independently.
+                let spawned = Proxy::spawn(&proxy_config).and_then(|mut p| {
+                    let img = p.open_image(&source.reference)?;
+                    if img.image_id != image.image_id {
+                        bail!("image {:?} changed during the pull ({} → {})", source.reference, image.image_id, img.image_id);
+                    }
+                    Ok((p, img.image))
+                });
+                match spawned {
+                    Ok((mut p, handle)) => {
+                        work(&mut p, handle);
+                        let _ = p.shutdown();
+                    }
+                    // The other workers still drain the queue.
+                    Err(e) => eprintln_worker_failure(&e),
+                }
+            });
+        }
+        work(&mut proxy, image.image);
+    });
+    let _ = proxy.shutdown();
+
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    let mut first_error = None;
+    for (index, r) in results {
+        match r {
+            Ok((id, files, bytes)) => {
+                streams[index] = Some(id);
+                outcomes[index].files = files;
+                outcomes[index].bytes = bytes;
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    // Durability point 1: every object of every verified layer is on disk before any link.
+    repo.sync()?;
+    for (index, layer) in image.layers.iter().enumerate() {
+        if outcomes[index].status == LayerStatus::Imported {
+            if let Some(id) = &streams[index] {
+                publish_layer(&repo, &layer.diff_id, id)?;
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e.context(format!("pulling {source}; nothing was tagged")));
+    }
+    if streams.iter().any(Option::is_none) {
+        bail!("pulling {source}: a layer was neither present nor imported");
+    }
+    let layer_streams: Vec<(String, ObjectId)> = image
+        .layers
+        .iter()
+        .zip(streams)
+        .map(|(l, s)| (l.diff_id.clone(), s.expect("checked above")))
+        .collect();
+    let published = publish_image(
+        &repo,
+        image.manifest.as_bytes(),
+        &image.manifest_digest,
+        image.config.as_bytes(),
+        &image.config_digest,
+        &layer_streams,
+        Some(&tag),
+    )
+    .with_context(|| format!("publishing image {}", image.image_id))?;
+    // Durability point 2: config, manifest, EROFS image and the tag.
+    repo.sync()?;
+    Ok(PullSummary {
+        image_id: image.image_id,
+        manifest_digest: image.manifest_digest,
+        config_digest: image.config_digest,
+        tag,
+        layers: outcomes,
+        erofs_image: published.erofs_image.map(|id| id.to_string()),
+        objects: counts.into_inner().unwrap_or_else(|e| e.into_inner()),
+        elapsed: start.elapsed(),
+    })
+}
+
+#[allow(clippy::print_stderr)]
+fn eprintln_worker_failure(e: &anyhow::Error) {
+    eprintln!("splitfdstream: a pull worker could not start its helper: {e:#}");
+}
+
+/// The manifest and config must hash to their digests, and the config's diff_ids must be the
+/// layers served: those names are what the repository publishes.
+fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
+    if sha(image.config.as_bytes()) != image.config_digest {
+        bail!("image {}: config does not hash to {}", image.image_id, image.config_digest);
+    }
+    if sha(image.manifest.as_bytes()) != image.manifest_digest {
+        bail!("image {}: manifest does not hash to {}", image.image_id, image.manifest_digest);
+    }
+    let config: serde_json::Value = serde_json::from_str(&image.config).context("parsing image config")?;
+    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .ok_or_else(|| anyhow!("image {}: config has no rootfs.diff_ids", image.image_id))?
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default())
+        .collect();
+    let served: Vec<&str> = image.layers.iter().map(|l| l.diff_id.as_str()).collect();
+    if diff_ids != served {
+        bail!("image {}: config lists diff_ids {diff_ids:?}, the store has {served:?}", image.image_id);
+    }
+    for l in &image.layers {
+        let hex = l.diff_id.strip_prefix("sha256:").unwrap_or_default();
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            bail!("image {}: layer diff_id {:?} is not a sha256 digest", image.image_id, l.diff_id);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn import_layer(
+    repo: &Repository,
+    proxy: &mut Proxy,
+    handle: u64,
+    index: usize,
+    layer: &LayerInfo,
+    threshold: u64,
+    progress: &dyn Progress,
+    counts: &Mutex<crate::repo::StoreCounts>,
+) -> anyhow::Result<(ObjectId, u64, u64)> {
+    let mut stream = proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
+    let mut importer = LayerImporter::new(repo)?;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    while let Some(item) = stream.next_item()? {
+        match item {
+            LayerItem::Inline(b) => {
+                importer.inline(b)?;
+                bytes += b.len() as u64;
+                progress.advance(index, b.len() as u64, 0);
+            }
+            LayerItem::File { fd, size, .. } => {
+                importer.file(fd.as_fd(), size)?;
+                files += 1;
+                bytes += size;
+                progress.advance(index, size, 1);
+            }
+        }
+    }
+    drop(stream);
+    let local = importer.counts();
+    let id = importer.finish(&layer.diff_id)?;
+    counts.lock().unwrap_or_else(|e| e.into_inner()).add(&local);
+    Ok((id, files, bytes))
+}
