@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Benchmark: `splitfdstream pull` against `cfsctl oci pull --local-fetch auto`, same image, same
+# run, warm and cold (page cache dropped), on XFS with reflink and on ext4 (both loop mounts).
+# Prints a Markdown table: wall time, CPU time, peak RSS, disk blocks used, ratio to cfsctl.
+#
+# usage (root): bench/run.sh [WORKDIR] [SCALE]     (SCALE 1.0 ≈ 2.9 GB, 92,000 files, 5 layers)
+# env: CFSCTL (default: cfsctl on PATH or the CI cache), FILESYSTEMS (default "xfs ext4"),
+#      HASH (default sha512), RUNS (default 1)
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+work="${1:-/var/tmp/splitfdstream-bench}"
+scale="${2:-1.0}"
+hash="${HASH:-sha512}"
+runs="${RUNS:-1}"
+cfsctl="${CFSCTL:-$(command -v cfsctl || echo /var/cache/splitfdstream-ci/cfsctl/bin/cfsctl)}"
+[ "$(id -u)" -eq 0 ] || { echo "bench/run.sh must run as root (loop mounts, drop_caches)" >&2; exit 1; }
+[ -x "$cfsctl" ] || { echo "cfsctl not found (set CFSCTL)" >&2; exit 1; }
+(cd "$here/.." && cargo build --release -q)
+sfds="$here/../target/release/splitfdstream"
+mkdir -p "$work"
+
+mountfs() { # fs dir size
+    local fs=$1 dir=$2 img="$work/$1.img"
+    mkdir -p "$dir"
+    mountpoint -q "$dir" && return 0
+    rm -f "$img"; truncate -s "$3" "$img"
+    case $fs in
+        xfs) mkfs.xfs -q -m reflink=1 "$img" ;;
+        ext4) mkfs.ext4 -q "$img" ;;
+    esac
+    mount -o loop "$img" "$dir"
+}
+
+measure() { # label cmd... ; prints "wall cpu rss_kib"
+    local out; out=$(mktemp)
+    /usr/bin/time -f '%e %U %S %M' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
+    awk '{printf "%s %.2f %s\n", $1, $2 + $3, $4}' "$out"
+    rm -f "$out" "$out.err"
+}
+
+echo "| fs | mode | tool | wall s | CPU s | peak RSS MiB | disk used MiB | wall ratio |"
+echo "|---|---|---|---|---|---|---|---|"
+for fs in ${FILESYSTEMS:-xfs ext4}; do
+    mnt="$work/$fs"
+    mountfs "$fs" "$mnt" 40G
+    store="$mnt/storage"
+    if [ ! -e "$store/.built" ]; then
+        b=(buildah --root "$store/graph" --runroot "$store/run" --storage-driver overlay)
+        c=$("${b[@]}" from scratch)
+        for layer in 0 1 2 3 4; do
+            m=$("${b[@]}" mount "$c")
+            python3 "$here/gen.py" "$m" "$layer" "$scale"
+            "${b[@]}" umount "$c" >/dev/null
+            "${b[@]}" commit -q "$c" localhost/bench:latest >/dev/null
+            "${b[@]}" rm "$c" >/dev/null
+            c=$("${b[@]}" from localhost/bench:latest)
+        done
+        "${b[@]}" rm "$c" >/dev/null
+        touch "$store/.built"
+    fi
+    src="containers-storage:[overlay@$store/graph+$store/run]localhost/bench:latest"
+    image_bytes=$(du -sb "$store/graph/overlay" | cut -f1)
+    for mode in warm cold; do
+        for run in $(seq "$runs"); do
+            declare -A wall
+            for tool in splitfdstream cfsctl; do
+                repo="$mnt/repo-$tool"
+                rm -rf "$repo"; sync
+                before=$(df -B1 --output=used "$mnt" | tail -1)
+                if [ "$mode" = cold ]; then echo 3 > /proc/sys/vm/drop_caches; else cat "$store"/graph/overlay/*/diff -r >/dev/null 2>&1 || tar -cf - "$store/graph/overlay" 2>/dev/null | cat >/dev/null; fi
+                if [ "$tool" = splitfdstream ]; then
+                    r=$(measure "$sfds" pull "$src" --repo "$repo" --hash "$hash" --tag bench)
+                else
+                    "$cfsctl" --repo "$repo" init $([ "$hash" = sha256 ] && echo --hash sha256 || true) >/dev/null 2>&1 || true
+                    r=$(measure "$cfsctl" --repo "$repo" oci pull --local-fetch auto "$src" bench)
+                fi
+                sync
+                after=$(df -B1 --output=used "$mnt" | tail -1)
+                read -r w c m <<<"$r"
+                wall[$tool]=$w
+                used=$(( (after - before) / 1048576 ))
+                ratio=""
+                [ "$tool" = cfsctl ] && ratio=$(awk -v a="${wall[splitfdstream]}" -v b="$w" 'BEGIN{printf "%.2f", a/b}')
+                echo "| $fs | $mode | $tool | $w | $c | $((m / 1024)) | $used ($(awk -v u="$((after - before))" -v t="$image_bytes" 'BEGIN{printf "%.2f%%", 100*u/t}')) | ${ratio:+splitfdstream/cfsctl = $ratio} |"
+            done
+        done
+    done
+done
