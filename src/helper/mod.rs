@@ -114,3 +114,42 @@ pub fn open_backend(store: &Store) -> anyhow::Result<Box<dyn Backend>> {
         Store::OciLayout { dir } => Ok(Box::new(oci_layout::OciBackend::open(dir)?)),
     }
 }
+
+/// Serve as a helper on the socket inherited as stdin, the way [`crate::client::Proxy::spawn`]
+/// starts helpers (`helper --socket-fd 0 --store STORE --parent-pid PID`). For programs that
+/// embed the library and are their own helper (see `examples/pull.rs`); needs no `unsafe`,
+/// because stdin is duplicated rather than adopted.
+///
+/// # Errors
+/// The arguments are not the ones `Proxy::spawn` passes, stdin is not a socket, or serving failed.
+pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
+    use anyhow::{bail, ensure};
+    use std::os::fd::AsFd;
+    let mut store = None;
+    let mut parent = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match (a.as_str(), it.next()) {
+            ("--socket-fd", Some(n)) => ensure!(n == "0", "only --socket-fd 0 (stdin) is supported here"),
+            ("--store", Some(s)) => store = Some(Store::parse_arg(s)?),
+            ("--parent-pid", Some(p)) => parent = Some(p.parse::<i32>()?),
+            (other, _) => bail!("unexpected helper argument {other:?}"),
+        }
+    }
+    let Some(store) = store else { bail!("helper needs --store") };
+    // A backstop only: the client kills and reaps its helper itself.
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+    if let Some(pid) = parent {
+        ensure!(
+            rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) == Some(pid),
+            "parent process {pid} is gone"
+        );
+    }
+    let sock = std::io::stdin().as_fd().try_clone_to_owned()?;
+    let st = rustix::fs::fstat(&sock)?;
+    ensure!(
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket,
+        "stdin is not a socket"
+    );
+    server::serve(sock, store)
+}
