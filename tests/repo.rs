@@ -62,7 +62,11 @@ fn cfs(cfsctl: &Path, repo: &Path, args: &[&str]) -> Vec<u8> {
 fn cfs_stdin(cfsctl: &Path, repo: &Path, args: &[&str], stdin: Option<&[u8]>) -> Vec<u8> {
     let mut cmd = Command::new(cfsctl);
     cmd.arg("--repo").arg(repo).args(args);
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("spawning cfsctl");
     if let Some(data) = stdin {
@@ -107,7 +111,9 @@ fn make_tree(root: &Path, seed: u8) {
         fs::write(&path, data).unwrap();
     };
     let pattern = |n: usize| -> Vec<u8> {
-        (0..n).map(|i| (i as u32 * 31 + u32::from(seed) * 7 + (i as u32 >> 12)) as u8).collect()
+        (0..n)
+            .map(|i| (i as u32 * 31 + u32::from(seed) * 7 + (i as u32 >> 12)) as u8)
+            .collect()
     };
     w("etc/hostname", b"layer-test\n");
     w("etc/exact64", &pattern(64));
@@ -117,6 +123,8 @@ fn make_tree(root: &Path, seed: u8) {
     fs::set_permissions(root.join("etc/shadow"), fs::Permissions::from_mode(0o600)).unwrap();
     w("usr/bin/tool", &pattern(300_000 + usize::from(seed)));
     w("usr/lib/libx.so", &pattern(4096 * 3 + 1));
+    // Two Merkle tree levels for sha256 (more than 128 data blocks), three for sha512.
+    w("usr/lib/big.so", &pattern(4096 * 130 + 17));
     w("usr/share/doc/README", &pattern(1000));
     let long = format!("usr/share/{}/file", "d".repeat(120));
     w(&long, &pattern(100));
@@ -187,7 +195,11 @@ fn pieces(tar: &[u8]) -> Vec<Piece> {
                 continue;
             }
             b'L' => {
-                long_name = Some(String::from_utf8_lossy(data).trim_end_matches('\0').to_owned());
+                long_name = Some(
+                    String::from_utf8_lossy(data)
+                        .trim_end_matches('\0')
+                        .to_owned(),
+                );
                 pos += 512 + padded;
                 continue;
             }
@@ -195,7 +207,9 @@ fn pieces(tar: &[u8]) -> Vec<Piece> {
         }
         let size = pax_size.take().unwrap_or(size);
         let name = long_name.take().unwrap_or_else(|| {
-            String::from_utf8_lossy(&h[..100]).trim_end_matches('\0').to_owned()
+            String::from_utf8_lossy(&h[..100])
+                .trim_end_matches('\0')
+                .to_owned()
         });
         let padded = size.div_ceil(512) as usize * 512;
         pos += 512;
@@ -312,7 +326,11 @@ fn check_objects(repo: &Path, alg: HashAlg) {
         HashAlg::Sha512 => "sha512",
     };
     let mut cmd = Command::new("fsverity");
-    cmd.args(["digest", &format!("--hash-alg={alg_name}"), "--block-size=4096"]);
+    cmd.args([
+        "digest",
+        &format!("--hash-alg={alg_name}"),
+        "--block-size=4096",
+    ]);
     for (p, m) in &objs {
         assert_eq!(
             m.permissions().mode() & 0o077,
@@ -330,12 +348,19 @@ fn check_objects(repo: &Path, alg: HashAlg) {
             for line in text.lines() {
                 let (digest, path) = line.split_once(' ').unwrap();
                 let (_, hex) = digest.split_once(':').unwrap();
-                assert_eq!(hex, object_hex(Path::new(path)), "fsverity digest of {path}");
+                assert_eq!(
+                    hex,
+                    object_hex(Path::new(path)),
+                    "fsverity digest of {path}"
+                );
                 n += 1;
             }
             assert_eq!(n, objs.len());
         }
-        Ok(out) => panic!("fsverity digest failed: {}", String::from_utf8_lossy(&out.stderr)),
+        Ok(out) => panic!(
+            "fsverity digest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
         Err(e) => eprintln!("SKIP fs-verity digest cross-check: fsverity tool unavailable: {e}"),
     }
 }
@@ -348,7 +373,10 @@ fn stream_links(repo: &Path) -> BTreeMap<String, String> {
     for e in rd {
         let e = e.unwrap();
         if e.file_type().unwrap().is_symlink() {
-            out.insert(e.file_name().to_string_lossy().into_owned(), link_target(&e.path()));
+            out.insert(
+                e.file_name().to_string_lossy().into_owned(),
+                link_target(&e.path()),
+            );
         }
     }
     out
@@ -368,11 +396,17 @@ fn layer_roundtrip(alg: HashAlg, format: &str, feed: Feed) {
     let ours = tmp.path().join("ours");
     let repo = Repository::open_or_create(&ours, Some(alg)).unwrap();
     let (stream, methods) = import(&repo, &tar, feed, Some(&src)).unwrap();
-    assert!(methods.iter().any(|m| m.is_some()), "some bodies were external");
+    assert!(
+        methods.iter().any(|m| m.is_some()),
+        "some bodies were external"
+    );
     assert!(methods.contains(&None), "small bodies stayed inline");
     publish_layer(&repo, &diff_id, &stream).unwrap();
     repo.sync().unwrap();
-    assert_eq!(repo.has_stream(&format!("oci-layer-{diff_id}")).unwrap(), Some(stream.clone()));
+    assert_eq!(
+        repo.has_stream(&format!("oci-layer-{diff_id}")).unwrap(),
+        Some(stream.clone())
+    );
 
     // Byte-identical to what cfsctl makes of the same tar.
     let theirs = tmp.path().join("theirs");
@@ -380,8 +414,15 @@ fn layer_roundtrip(alg: HashAlg, format: &str, feed: Feed) {
         HashAlg::Sha256 => "fsverity-sha256-12",
         HashAlg::Sha512 => "fsverity-sha512-12",
     };
-    run(Command::new(&cfsctl).args(["init", "--insecure", "--algorithm", alg_arg]).arg(&theirs));
-    cfs_stdin(&cfsctl, &theirs, &["oci", "import-layer", &diff_id], Some(&tar));
+    run(Command::new(&cfsctl)
+        .args(["init", "--insecure", "--algorithm", alg_arg])
+        .arg(&theirs));
+    cfs_stdin(
+        &cfsctl,
+        &theirs,
+        &["oci", "import-layer", &diff_id],
+        Some(&tar),
+    );
     let name = format!("oci-layer-{diff_id}");
     assert_eq!(
         link_target(&ours.join("streams").join(&name)),
@@ -391,11 +432,14 @@ fn layer_roundtrip(alg: HashAlg, format: &str, feed: Feed) {
 
     // cfsctl accepts it and reconstructs the exact tar.
     cfs(&cfsctl, &ours, &["fsck"]);
-    assert!(cfs(&cfsctl, &ours, &["oci", "layer", &diff_id]) == tar, "cfsctl oci layer");
+    assert!(
+        cfs(&cfsctl, &ours, &["oci", "layer", &diff_id]) == tar,
+        "cfsctl oci layer"
+    );
     // So does our own reader.
     let mut back = Vec::new();
-    let mut rd = SplitStreamReader::open(&repo, &stream, Some(u64::from_le_bytes(*b"ocilayer")))
-        .unwrap();
+    let mut rd =
+        SplitStreamReader::open(&repo, &stream, Some(u64::from_le_bytes(*b"ocilayer"))).unwrap();
     assert_eq!(rd.stream_size(), tar.len() as u64);
     rd.cat(&repo, &mut back).unwrap();
     assert!(back == tar, "our reader");
@@ -411,6 +455,77 @@ fn layer_sha512_posix_memfds() {
 #[test]
 fn layer_sha256_gnu_mixed_inline_and_fds() {
     layer_roundtrip(HashAlg::Sha256, "gnu", Feed::Mixed);
+}
+
+/// A layer of only small files is one inline run larger than the writer keeps in memory: it
+/// spills to a scratch file and must still come out byte-identical to cfsctl's.
+#[test]
+fn many_small_files_spill_and_match_cfsctl() {
+    let cfsctl = need_cfsctl!();
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    fs::create_dir_all(src.join("usr")).unwrap();
+    for i in 0..7000 {
+        fs::write(src.join(format!("usr/f{i:05}")), format!("file {i}\n")).unwrap();
+    }
+    let tar = make_tar(&src, "gnu");
+    assert!(
+        tar.len() > 6 << 20,
+        "larger than the 4 MiB in-memory inline limit"
+    );
+    let diff_id = sha256_digest(&tar);
+    let ours = tmp.path().join("ours");
+    let repo = Repository::open_or_create(&ours, Some(HashAlg::Sha256)).unwrap();
+    let mut imp = LayerImporter::new(&repo).unwrap();
+    for c in tar.chunks(100_000) {
+        imp.inline(c).unwrap();
+    }
+    assert_eq!(imp.stats().inline_bytes, tar.len() as u64);
+    let stream = imp.finish(&diff_id).unwrap();
+    publish_layer(&repo, &diff_id, &stream).unwrap();
+
+    let theirs = tmp.path().join("theirs");
+    run(Command::new(&cfsctl)
+        .args(["init", "--insecure", "--algorithm", "fsverity-sha256-12"])
+        .arg(&theirs));
+    cfs_stdin(
+        &cfsctl,
+        &theirs,
+        &["oci", "import-layer", &diff_id],
+        Some(&tar),
+    );
+    let name = format!("streams/oci-layer-{diff_id}");
+    assert_eq!(
+        link_target(&ours.join(&name)),
+        link_target(&theirs.join(&name))
+    );
+    assert!(cfs(&cfsctl, &ours, &["oci", "layer", &diff_id]) == tar);
+}
+
+/// composefs 0.9.4 rejects a PAX mtime before 1970 ("invalid PAX mtime value"): the layer
+/// still imports here, and the image is published without an EROFS image, saying why.
+#[test]
+fn pre_1970_mtime_imports_but_skips_erofs() {
+    let tmp = tempdir();
+    let src = tmp.path().join("src");
+    make_tree(&src, 9);
+    run(Command::new("touch")
+        .args(["-h", "-d", "1960-01-01 00:00:00Z"])
+        .arg(src.join("etc/over64")));
+    let layers = vec![make_tar(&src, "posix")];
+    let pax = String::from_utf8_lossy(&layers[0]).contains("mtime=-");
+    assert!(pax, "GNU tar wrote a negative PAX mtime");
+    let (manifest, config) = make_layout(&tmp.path().join("layout"), &layers, "old");
+    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let published = import_image(&repo, &layers, &manifest, &config, "old");
+    assert_eq!(published.erofs_image, None);
+    let why = published.erofs_skipped.unwrap();
+    assert!(why.contains("mtime"), "{why}");
+    if let Some(cfsctl) = cfsctl() {
+        let r = tmp.path().join("r");
+        cfs(&cfsctl, &r, &["fsck"]);
+        assert!(cfs(&cfsctl, &r, &["oci", "layer", &sha256_digest(&layers[0])]) == layers[0]);
+    }
 }
 
 #[test]
@@ -441,7 +556,10 @@ fn truncated_tar_and_misplaced_file_are_errors() {
     let mut imp = LayerImporter::new(&repo).unwrap();
     imp.inline(&tar[..1000]).unwrap();
     let err = imp.finish(&sha256_digest(&tar[..1000])).unwrap_err();
-    assert!(format!("{err:#}").contains("tar truncated at offset 1000"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("tar truncated at offset 1000"),
+        "{err:#}"
+    );
 
     let mut imp = LayerImporter::new(&repo).unwrap();
     let fd = memfd_with(b"x");
@@ -461,7 +579,10 @@ fn repository_metadata_and_algorithm() {
         let repo = Repository::open_or_create(&path, None).unwrap();
         assert_eq!(repo.algorithm(), HashAlg::Sha512);
     }
-    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     let meta = fs::read_to_string(path.join("meta.json")).unwrap();
     let v: serde_json::Value = serde_json::from_str(&meta).unwrap();
     assert_eq!(v["algorithm"], "fsverity-sha512-12");
@@ -469,23 +590,33 @@ fn repository_metadata_and_algorithm() {
     assert_eq!(v["erofs_formats"]["default"], 1);
     // Existing repository: algorithm honoured; a conflicting request is an error.
     assert_eq!(
-        Repository::open_or_create(&path, Some(HashAlg::Sha512)).unwrap().algorithm(),
+        Repository::open_or_create(&path, Some(HashAlg::Sha512))
+            .unwrap()
+            .algorithm(),
         HashAlg::Sha512
     );
     let err = Repository::open_or_create(&path, Some(HashAlg::Sha256)).unwrap_err();
-    assert!(format!("{err:#}").contains("uses fsverity-sha512-12"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("uses fsverity-sha512-12"),
+        "{err:#}"
+    );
 
     if let Some(cfsctl) = cfsctl {
         // Same meta.json bytes as `cfsctl init`.
         let theirs = tmp.path().join("theirs");
-        run(Command::new(&cfsctl).args(["init", "--insecure"]).arg(&theirs));
+        run(Command::new(&cfsctl)
+            .args(["init", "--insecure"])
+            .arg(&theirs));
         assert_eq!(meta, fs::read_to_string(theirs.join("meta.json")).unwrap());
         // A repository cfsctl created opens with its algorithm.
         let t256 = tmp.path().join("t256");
         run(Command::new(&cfsctl)
             .args(["init", "--insecure", "--algorithm", "fsverity-sha256-12"])
             .arg(&t256));
-        assert_eq!(Repository::open_or_create(&t256, None).unwrap().algorithm(), HashAlg::Sha256);
+        assert_eq!(
+            Repository::open_or_create(&t256, None).unwrap().algorithm(),
+            HashAlg::Sha256
+        );
     } else {
         eprintln!("SKIP meta.json comparison: cfsctl not found");
     }
@@ -509,24 +640,40 @@ fn store_file_reuses_and_repairs_objects() {
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     let fd = memfd_with(&data);
     let mut fed = Vec::new();
-    let (id, m) = repo.store_file(fd.as_fd(), data.len() as u64, &mut |c| fed.extend_from_slice(c)).unwrap();
+    let (id, m) = repo
+        .store_file(fd.as_fd(), data.len() as u64, &mut |c| {
+            fed.extend_from_slice(c)
+        })
+        .unwrap();
     assert_eq!(fed, data, "feed sees every byte once, in order");
     assert_ne!(m, StoreMethod::AlreadyPresent);
     assert_eq!(repo.store_bytes(&data).unwrap(), id);
-    let (_, m) = repo.store_file(fd.as_fd(), data.len() as u64, &mut |_| {}).unwrap();
+    let (_, m) = repo
+        .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+        .unwrap();
     assert_eq!(m, StoreMethod::AlreadyPresent);
 
     // A damaged (truncated) object is not trusted: it is replaced.
     let path = tmp.path().join("r/objects").join(id.object_path());
     fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
-    fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(10).unwrap();
-    let (_, m) = repo.store_file(fd.as_fd(), data.len() as u64, &mut |_| {}).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(10)
+        .unwrap();
+    let (_, m) = repo
+        .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+        .unwrap();
     assert_eq!(m, StoreMethod::Copied);
     assert_eq!(fs::read(&path).unwrap(), data);
 
     // Announced size must match the file.
     let err = repo.store_file(fd.as_fd(), 5, &mut |_| {}).unwrap_err();
-    assert!(format!("{err:#}").contains("100000 bytes, but 5 were announced"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("100000 bytes, but 5 were announced"),
+        "{err:#}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -626,10 +773,17 @@ fn import_image(
 }
 
 /// Named refs and object refs of a stream, by name.
-fn stream_shape(repo: &Repository, id: &ObjectId, ct: &[u8; 8]) -> (Vec<(String, String)>, Vec<String>) {
+fn stream_shape(
+    repo: &Repository,
+    id: &ObjectId,
+    ct: &[u8; 8],
+) -> (Vec<(String, String)>, Vec<String>) {
     let rd = SplitStreamReader::open(repo, id, Some(u64::from_le_bytes(*ct))).unwrap();
     (
-        rd.named_refs().iter().map(|(n, i)| (n.clone(), i.to_string())).collect(),
+        rd.named_refs()
+            .iter()
+            .map(|(n, i)| (n.clone(), i.to_string()))
+            .collect(),
         rd.object_refs().iter().map(|i| i.to_string()).collect(),
     )
 }
@@ -672,7 +826,9 @@ fn oci_image_matches_cfsctl(alg: HashAlg, nlayers: usize) {
         HashAlg::Sha256 => "fsverity-sha256-12",
         HashAlg::Sha512 => "fsverity-sha512-12",
     };
-    run(Command::new(&cfsctl).args(["init", "--insecure", "--algorithm", alg_arg]).arg(&theirs));
+    run(Command::new(&cfsctl)
+        .args(["init", "--insecure", "--algorithm", alg_arg])
+        .arg(&theirs));
     let src = format!("oci:{}:v1", layout.display());
     cfs(&cfsctl, &theirs, &["oci", "pull", &src, tag]);
 
@@ -683,8 +839,10 @@ fn oci_image_matches_cfsctl(alg: HashAlg, nlayers: usize) {
         if name.starts_with("oci-manifest-") && nlayers > 1 {
             // cfsctl 0.9.4 rewrites the manifest stream with its layer refs in HashMap order,
             // so its stream_refs order (and object id) varies run to run; compare content.
-            let t = ObjectId::from_hex(&target.replace("../objects/", "").replace('/', "")).unwrap();
-            let c = ObjectId::from_hex(&tl[name].replace("../objects/", "").replace('/', "")).unwrap();
+            let t =
+                ObjectId::from_hex(&target.replace("../objects/", "").replace('/', "")).unwrap();
+            let c =
+                ObjectId::from_hex(&tl[name].replace("../objects/", "").replace('/', "")).unwrap();
             let theirs_repo = Repository::open_or_create(&theirs, None).unwrap();
             assert_eq!(
                 stream_shape(&repo, &t, b"ocimanif"),
@@ -699,7 +857,10 @@ fn oci_image_matches_cfsctl(alg: HashAlg, nlayers: usize) {
         fs::read_dir(ours.join("images")).unwrap().count(),
         fs::read_dir(theirs.join("images")).unwrap().count()
     );
-    assert!(theirs.join("images").join(erofs.to_string()).exists(), "same EROFS image id");
+    assert!(
+        theirs.join("images").join(erofs.to_string()).exists(),
+        "same EROFS image id"
+    );
     check_objects(&ours, alg);
 }
 
@@ -745,7 +906,8 @@ fn image_without_usr_is_published_without_erofs() {
     assert!(rd.named_ref("composefs.image.v1").is_none());
     if let Some(cfsctl) = cfsctl {
         cfs(&cfsctl, &tmp.path().join("r"), &["oci", "fsck"]);
-        let images = String::from_utf8(cfs(&cfsctl, &tmp.path().join("r"), &["oci", "images"])).unwrap();
+        let images =
+            String::from_utf8(cfs(&cfsctl, &tmp.path().join("r"), &["oci", "images"])).unwrap();
         assert!(images.contains("scratch"), "{images}");
     }
 }
@@ -761,9 +923,19 @@ fn publish_image_checks_digests_and_layers() {
     let (id, _) = import(&repo, &layers[0], Feed::Memfd, None).unwrap();
     let refs = vec![(sha256_digest(&layers[0]), id)];
     let wrong = sha256_digest(b"nope");
-    let err = prepare_image(&repo, &manifest, &wrong, &config, &sha256_digest(&config), &refs)
-        .unwrap_err();
-    assert!(format!("{err:#}").contains(&format!("expected {wrong}")), "{err:#}");
+    let err = prepare_image(
+        &repo,
+        &manifest,
+        &wrong,
+        &config,
+        &sha256_digest(&config),
+        &refs,
+    )
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains(&format!("expected {wrong}")),
+        "{err:#}"
+    );
     let err = prepare_image(
         &repo,
         &manifest,
@@ -773,7 +945,10 @@ fn publish_image_checks_digests_and_layers() {
         &[],
     )
     .unwrap_err();
-    assert!(format!("{err:#}").contains("differ from the config's diff_ids"), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("differ from the config's diff_ids"),
+        "{err:#}"
+    );
     assert!(stream_links(&tmp.path().join("r")).is_empty());
 }
 
@@ -787,7 +962,10 @@ fn tmpfs_copy_path() {
         eprintln!("SKIP: no /dev/shm tmpfs");
         return;
     }
-    let tmp = tempfile::Builder::new().prefix("repo-test-").tempdir_in(shm).unwrap();
+    let tmp = tempfile::Builder::new()
+        .prefix("repo-test-")
+        .tempdir_in(shm)
+        .unwrap();
     let src = tmp.path().join("src");
     make_tree(&src, 6);
     let tar = make_tar(&src, "gnu");
@@ -797,13 +975,21 @@ fn tmpfs_copy_path() {
     let stored: Vec<_> = methods.iter().flatten().collect();
     assert!(!stored.is_empty());
     assert!(
-        stored.iter().all(|m| matches!(m, StoreMethod::Copied | StoreMethod::AlreadyPresent)),
+        stored
+            .iter()
+            .all(|m| matches!(m, StoreMethod::Copied | StoreMethod::AlreadyPresent)),
         "{stored:?}"
     );
     publish_layer(&repo, &sha256_digest(&tar), &stream).unwrap();
     if let Some(cfsctl) = cfsctl() {
         cfs(&cfsctl, &tmp.path().join("r"), &["fsck"]);
-        assert!(cfs(&cfsctl, &tmp.path().join("r"), &["oci", "layer", &sha256_digest(&tar)]) == tar);
+        assert!(
+            cfs(
+                &cfsctl,
+                &tmp.path().join("r"),
+                &["oci", "layer", &sha256_digest(&tar)]
+            ) == tar
+        );
     }
     check_objects(&tmp.path().join("r"), repo.algorithm());
 }
@@ -832,7 +1018,10 @@ fn loop_mount(tmp: &Path, mkfs: &[&str], size_mb: u64) -> Result<LoopMount, Stri
         .output()
         .map_err(|e| format!("{}: {e}", mkfs[0]))?;
     if !out.status.success() {
-        return Err(format!("{mkfs:?}: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "{mkfs:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     let mnt = tmp.join("mnt");
     fs::create_dir_all(&mnt).unwrap();
@@ -843,7 +1032,10 @@ fn loop_mount(tmp: &Path, mkfs: &[&str], size_mb: u64) -> Result<LoopMount, Stri
         .output()
         .map_err(|e| format!("mount: {e}"))?;
     if !out.status.success() {
-        return Err(format!("mount -o loop: {}", String::from_utf8_lossy(&out.stderr)));
+        return Err(format!(
+            "mount -o loop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
     }
     Ok(LoopMount { mnt })
 }
@@ -873,7 +1065,13 @@ fn xfs_reflink_path() {
     }
     if let Some(cfsctl) = cfsctl() {
         cfs(&cfsctl, &m.mnt.join("r"), &["fsck"]);
-        assert!(cfs(&cfsctl, &m.mnt.join("r"), &["oci", "layer", &sha256_digest(&tar)]) == tar);
+        assert!(
+            cfs(
+                &cfsctl,
+                &m.mnt.join("r"),
+                &["oci", "layer", &sha256_digest(&tar)]
+            ) == tar
+        );
     }
     check_objects(&m.mnt.join("r"), repo.algorithm());
     drop(repo);
@@ -882,7 +1080,11 @@ fn xfs_reflink_path() {
 #[test]
 fn ext4_verity_secure_repository() {
     let tmp = tempdir();
-    let m = match loop_mount(tmp.path(), &["mkfs.ext4", "-q", "-O", "verity", "-b", "4096"], 256) {
+    let m = match loop_mount(
+        tmp.path(),
+        &["mkfs.ext4", "-q", "-O", "verity", "-b", "4096"],
+        256,
+    ) {
         Ok(m) => m,
         Err(why) => {
             eprintln!("SKIP: cannot loop-mount ext4 with fs-verity: {why}");

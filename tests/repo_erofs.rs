@@ -44,7 +44,11 @@ fn run(cmd: &mut Command) -> Vec<u8> {
 }
 
 fn octal(f: &[u8]) -> u64 {
-    let s: String = f.iter().take_while(|&&b| b != 0).map(|&b| b as char).collect();
+    let s: String = f
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
     u64::from_str_radix(s.trim(), 8).unwrap_or(0)
 }
 
@@ -153,7 +157,10 @@ fn cfsctl_oci_mount_shows_the_merged_tree() {
 
     let repo_path = t.join("repo");
     let repo = Repository::open_or_create(&repo_path, None).unwrap();
-    let refs: Vec<_> = layers.iter().map(|l| (sha256_digest(l), import(&repo, l))).collect();
+    let refs: Vec<_> = layers
+        .iter()
+        .map(|l| (sha256_digest(l), import(&repo, l)))
+        .collect();
     let prepared = prepare_image(
         &repo,
         &manifest,
@@ -166,7 +173,11 @@ fn cfsctl_oci_mount_shows_the_merged_tree() {
     repo.sync().unwrap();
     let published = prepared.publish(&repo, Some("mnt-test")).unwrap();
     repo.sync().unwrap();
-    assert!(published.erofs_image.is_some(), "{:?}", published.erofs_skipped);
+    assert!(
+        published.erofs_image.is_some(),
+        "{:?}",
+        published.erofs_skipped
+    );
     drop(repo);
 
     let mnt = t.join("mnt");
@@ -197,7 +208,10 @@ fn cfsctl_oci_mount_shows_the_merged_tree() {
         fs::metadata(mnt.join("usr/bin/tool2")).unwrap().ino(),
         "hardlink shares the inode"
     );
-    assert_eq!(fs::read_link(mnt.join("usr/bin/sym")).unwrap(), Path::new("tool"));
+    assert_eq!(
+        fs::read_link(mnt.join("usr/bin/sym")).unwrap(),
+        Path::new("tool")
+    );
     assert_eq!(fs::read(mnt.join("etc/small")).unwrap(), b"replaced\n");
     assert!(!mnt.join("etc/gone").exists(), "whiteout removed it");
     assert!(!mnt.join("etc/.wh.gone").exists());

@@ -38,6 +38,9 @@ use super::{HashAlg, ObjectId, Repository};
 /// Why an image could not be built, in words for the user.
 type Skip = String;
 
+/// Built images: (EROFS format version, image bytes), in the order asked for.
+pub(crate) type Images = Vec<(u8, Box<[u8]>)>;
+
 /// An error while building: `Fatal` for our own I/O or a corrupt repository, `Skip` for
 /// content composefs 0.9.4 cannot represent.
 enum BuildError {
@@ -57,7 +60,7 @@ pub(crate) fn build_images(
     repo: &Repository,
     layers: &[ObjectId],
     versions: &[u8],
-) -> anyhow::Result<Result<Vec<(u8, Box<[u8]>)>, Skip>> {
+) -> anyhow::Result<Result<Images, Skip>> {
     let r = match repo.algorithm() {
         HashAlg::Sha256 => build::<Sha256HashValue>(repo, layers, versions),
         HashAlg::Sha512 => build::<Sha512HashValue>(repo, layers, versions),
@@ -73,7 +76,7 @@ fn build<H: FsVerityHashValue>(
     repo: &Repository,
     layers: &[ObjectId],
     versions: &[u8],
-) -> Result<Vec<(u8, Box<[u8]>)>, BuildError> {
+) -> Result<Images, BuildError> {
     let mut fs = FileSystem::<H>::new(Stat::uninitialized());
     for (n, layer) in layers.iter().enumerate() {
         let mut reader = SplitStreamReader::open(repo, layer, Some(LAYER_CONTENT_TYPE))?;
@@ -81,9 +84,8 @@ fn build<H: FsVerityHashValue>(
             .map_err(|e| prefix(e, &format!("layer {n} (stream {layer})")))?
         {
             let path = entry.path.clone();
-            process_entry(&mut fs, entry).map_err(|e| {
-                BuildError::Skip(format!("layer {n}: applying {path:?}: {e}"))
-            })?;
+            process_entry(&mut fs, entry)
+                .map_err(|e| BuildError::Skip(format!("layer {n}: applying {path:?}: {e}")))?;
         }
     }
     fs.transform_for_oci(&OciTransformOptions::default())
@@ -182,7 +184,9 @@ fn next_entry<H: FsVerityHashValue>(
                 }
                 ParseEvent::End { .. } => return Ok(None),
                 ParseEvent::SparseEntry { .. } => {
-                    return Err(BuildError::Skip("sparse tar entries are not supported".into()));
+                    return Err(BuildError::Skip(
+                        "sparse tar entries are not supported".into(),
+                    ));
                 }
                 ParseEvent::Entry { entry, .. } => {
                     let size = entry.size;
@@ -218,10 +222,12 @@ fn next_entry<H: FsVerityHashValue>(
                                     content.into_boxed_slice(),
                                 )))
                             }
-                            EntryType::Link => Item::Hardlink(absolute_path(link_target).into_os_string()),
-                            EntryType::Symlink => {
-                                Item::Leaf(LeafContent::Symlink(Box::from(OsStr::from_bytes(link_target))))
+                            EntryType::Link => {
+                                Item::Hardlink(absolute_path(link_target).into_os_string())
                             }
+                            EntryType::Symlink => Item::Leaf(LeafContent::Symlink(Box::from(
+                                OsStr::from_bytes(link_target),
+                            ))),
                             EntryType::Block | EntryType::Char => {
                                 let (Some(major), Some(minor)) = (entry.dev_major, entry.dev_minor)
                                 else {
@@ -308,9 +314,15 @@ mod tests {
 
     #[test]
     fn pax_nanoseconds() {
-        assert_eq!(pax_mtime_nsec(b"30 mtime=1234567890.123456789\n"), 123_456_789);
+        assert_eq!(
+            pax_mtime_nsec(b"30 mtime=1234567890.123456789\n"),
+            123_456_789
+        );
         assert_eq!(pax_mtime_nsec(b"22 mtime=1234567890.5\n"), 500_000_000);
-        assert_eq!(pax_mtime_nsec(b"31 mtime=1234567890.1234567899\n"), 123_456_789);
+        assert_eq!(
+            pax_mtime_nsec(b"31 mtime=1234567890.1234567899\n"),
+            123_456_789
+        );
         assert_eq!(pax_mtime_nsec(b"20 mtime=1234567890\n"), 0);
         assert_eq!(pax_mtime_nsec(b""), 0);
     }

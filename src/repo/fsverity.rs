@@ -16,10 +16,10 @@ use super::{HashAlg, ObjectId};
 
 /// The Merkle tree block size, log2. composefs repositories always use 4 KiB
 /// (`fsverity-*-12`), and so does the `lg_blocksize` field of every splitstream header.
-pub const LG_BLOCK_SIZE: u8 = 12;
+pub(crate) const LG_BLOCK_SIZE: u8 = 12;
 
 /// The Merkle tree block size in bytes.
-pub const BLOCK_SIZE: usize = 1 << LG_BLOCK_SIZE;
+pub(crate) const BLOCK_SIZE: usize = 1 << LG_BLOCK_SIZE;
 
 /// Size of the `fsverity_descriptor` that is hashed to give the file digest.
 const DESCRIPTOR_SIZE: usize = 256;
@@ -151,7 +151,8 @@ impl FsVerityHasher {
     fn push_hash_of(&mut self, level: usize, block: &[u8]) {
         debug_assert!(level < MAX_LEVELS);
         if self.levels.len() <= level {
-            self.levels.resize_with(level + 1, || Vec::with_capacity(BLOCK_SIZE));
+            self.levels
+                .resize_with(level + 1, || Vec::with_capacity(BLOCK_SIZE));
         }
         Hasher::digest_into(self.alg, &[block], &mut self.levels[level]);
         if self.levels[level].len() == BLOCK_SIZE {
@@ -243,16 +244,12 @@ pub(crate) fn enable(fd: impl AsFd, alg: HashAlg) -> std::io::Result<KernelVerit
                 std::thread::sleep(ENABLE_VERITY_RETRY_WAIT);
             }
             Err(EnableVerityError::FileOpenedForWrite) => {
-                return Err(std::io::Error::from_raw_os_error(libc_etxtbsy()));
+                return Err(std::io::Error::from(rustix::io::Errno::TXTBSY));
             }
             Err(EnableVerityError::Io(e)) => return Err(e),
             Err(e) => return Err(std::io::Error::other(e.to_string())),
         }
     }
-}
-
-fn libc_etxtbsy() -> i32 {
-    rustix::io::Errno::TXTBSY.raw_os_error()
 }
 
 /// The kernel's fs-verity digest of `fd`, or `None` when verity is not enabled on it or the
@@ -328,7 +325,11 @@ mod tests {
             for size in sizes {
                 let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
                 let want = reference(alg, &data);
-                assert_eq!(FsVerityHasher::digest(alg, &data), want, "{alg:?} size {size}");
+                assert_eq!(
+                    FsVerityHasher::digest(alg, &data),
+                    want,
+                    "{alg:?} size {size}"
+                );
                 // Odd feeding pattern.
                 let mut h = FsVerityHasher::new(alg);
                 for c in data.chunks(1000) {

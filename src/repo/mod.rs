@@ -14,6 +14,18 @@
 //! [`oci::PreparedImage::publish`] (or [`oci::publish_image`]), which also builds the composefs
 //! EROFS image (feature `erofs`) so that `cfsctl oci mount` works.
 //!
+//! # EROFS images and their limits
+//!
+//! The EROFS image is built with composefs-rs's own tree and writer (feature `erofs`), from
+//! the layer splitstreams, so its id equals `cfsctl oci compute-id`. composefs 0.9.4 cannot
+//! build it for some images: without `/usr` (its OCI transform copies `/usr`'s metadata to
+//! `/`), with pre-1970 PAX mtimes, sparse files or entry types it has no node for. Such an
+//! image is still imported and published, without the `composefs.image.v1` ref;
+//! [`PublishedImage::erofs_skipped`] says why (cfsctl itself fails the whole pull). The tree
+//! is held in memory: about 90 MiB for 100,000 files (composefs clones it once more for V1
+//! images); a streaming writer can later replace the `erofs` module's internals without touching
+//! the callers.
+//!
 //! # Durability
 //!
 //! Nothing here calls `fsync`/`syncfs` on its own (except once for `meta.json` on creation).
@@ -47,7 +59,7 @@ pub use oci::{
     ImportStats, LayerImporter, PreparedImage, PublishedImage, prepare_image, publish_image,
     publish_layer,
 };
-pub use splitstream::{SplitStreamReader, SplitStreamWriter};
+pub use splitstream::{Chunk, SplitStreamReader, SplitStreamWriter};
 
 /// The fs-verity hash of a repository: `fsverity-sha256-12` or `fsverity-sha512-12`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -203,6 +215,7 @@ pub(crate) struct ErofsFormats {
 
 impl ErofsFormats {
     /// Formats in generation order: `default` first, then `extra` sorted, without duplicates.
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn versions(&self) -> Vec<u8> {
         let mut v = vec![self.default];
         let mut extra = self.extra.clone();
@@ -284,7 +297,12 @@ impl Meta {
                 default: f.default,
                 extra: f.extra.clone(),
             },
-            _ if self.features.read_only_compatible.iter().any(|f| f == FEATURE_V1_EROFS) => {
+            _ if self
+                .features
+                .read_only_compatible
+                .iter()
+                .any(|f| f == FEATURE_V1_EROFS) =>
+            {
                 ErofsFormats {
                     default: DEFAULT_EROFS_FORMAT,
                     extra: Vec::new(),
@@ -486,6 +504,7 @@ impl Repository {
         &self.path
     }
 
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn erofs_formats(&self) -> &ErofsFormats {
         &self.erofs_formats
     }
@@ -673,41 +692,79 @@ fn read_meta(dir: &OwnedFd, path: &Path) -> anyhow::Result<Option<(Meta, OwnedFd
     Ok(Some((meta, fd)))
 }
 
-/// Write a fresh `meta.json` (pretty JSON plus newline, as composefs-rs writes it): into an
-/// O_TMPFILE, fsync, fs-verity enabled when the filesystem supports it, then linked into place
-/// so a concurrent creator sees either nothing or the whole file.
+/// Write a fresh `meta.json` (pretty JSON plus newline, as composefs-rs writes it): into a
+/// temporary file, fsync, fs-verity enabled when the filesystem supports it, then linked into
+/// place without replacing, so a concurrent creator sees either nothing or a whole file.
 fn create_meta(dir: &OwnedFd, path: &Path, alg: HashAlg) -> anyhow::Result<()> {
     let mut json = serde_json::to_vec_pretty(&Meta::new(alg)).context("serializing meta.json")?;
     json.push(b'\n');
     let ctx = || format!("creating {}/{META_JSON}", path.display());
-    let fd = rustix::fs::openat(
+    // An anonymous O_TMPFILE where possible; a named temporary file otherwise.
+    let (fd, tmp) = match rustix::fs::openat(
         dir,
         ".",
         OFlags::WRONLY | OFlags::TMPFILE | OFlags::CLOEXEC,
         Mode::from_raw_mode(0o644),
-    )
-    .with_context(ctx)?;
-    let mut f = File::from(fd);
-    f.write_all(&json).with_context(ctx)?;
-    f.sync_all().with_context(ctx)?;
-    let ro = rustix::fs::open(
-        proc_fd_path(f.as_fd()).as_str(),
-        OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .with_context(ctx)?;
-    drop(f);
-    // Unsupported → an insecure repository, as `cfsctl init --insecure` makes.
-    fsverity::enable(&ro, alg).with_context(ctx)?;
-    match rustix::fs::linkat(
-        rustix::fs::CWD,
-        proc_fd_path(ro.as_fd()).as_str(),
-        dir,
-        META_JSON,
-        AtFlags::SYMLINK_FOLLOW,
     ) {
-        // EEXIST: another process created the repository first; its meta.json wins.
-        Ok(()) | Err(Errno::EXIST) => Ok(()),
-        Err(e) => Err(e).with_context(ctx),
+        Ok(fd) => (fd, None),
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {
+            let name = tmp_name(".meta.json-");
+            let fd = rustix::fs::openat(
+                dir,
+                name.as_str(),
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )
+            .with_context(ctx)?;
+            (fd, Some(name))
+        }
+        Err(e) => return Err(e).with_context(ctx),
+    };
+    let r = (|| -> anyhow::Result<()> {
+        let mut f = File::from(fd);
+        f.write_all(&json)?;
+        f.sync_all()?;
+        let ro = match &tmp {
+            None => rustix::fs::open(
+                proc_fd_path(f.as_fd()).as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?,
+            Some(name) => rustix::fs::openat(
+                dir,
+                name.as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?,
+        };
+        drop(f);
+        // Unsupported → an insecure repository, as `cfsctl init --insecure` makes.
+        fsverity::enable(&ro, alg)?;
+        let linked = match &tmp {
+            None => rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc_fd_path(ro.as_fd()).as_str(),
+                dir,
+                META_JSON,
+                AtFlags::SYMLINK_FOLLOW,
+            ),
+            Some(name) => rustix::fs::renameat_with(
+                dir,
+                name.as_str(),
+                dir,
+                META_JSON,
+                rustix::fs::RenameFlags::NOREPLACE,
+            ),
+        };
+        match linked {
+            // EEXIST: another process created the repository first; its meta.json wins.
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    })();
+    if let Some(name) = &tmp {
+        // Gone after a successful rename; a leftover after a lost race or an error.
+        let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
     }
+    r.with_context(ctx)
 }

@@ -33,7 +33,9 @@ pub(crate) struct TmpObject {
 
 impl std::fmt::Debug for TmpObject {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TmpObject").field("name", &self.name).finish()
+        f.debug_struct("TmpObject")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -85,7 +87,11 @@ impl<'r> ObjectWriter<'r> {
 }
 
 /// `pwrite` all of `data` at `offset`.
-pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> std::io::Result<()> {
+pub(crate) fn write_all_at(
+    fd: BorrowedFd<'_>,
+    mut data: &[u8],
+    mut offset: u64,
+) -> std::io::Result<()> {
     while !data.is_empty() {
         let n = rustix::io::pwrite(fd, data, offset)?;
         if n == 0 {
@@ -98,7 +104,11 @@ pub(crate) fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64)
 }
 
 /// `pread` until `buf` is full or EOF; returns the bytes read.
-pub(crate) fn read_full_at(fd: BorrowedFd<'_>, buf: &mut [u8], mut offset: u64) -> std::io::Result<usize> {
+pub(crate) fn read_full_at(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut offset: u64,
+) -> std::io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
         match rustix::io::pread(fd, &mut buf[got..], offset) {
@@ -132,7 +142,8 @@ impl Repository {
             // Filesystems without O_TMPFILE (some FUSE ones): fall back to a named file.
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("creating a tmpfile in {}", self.rel("objects")));
+                return Err(e)
+                    .with_context(|| format!("creating a tmpfile in {}", self.rel("objects")));
             }
         }
         let name = tmp_name(".tmp-object-");
@@ -413,9 +424,17 @@ impl Repository {
 
     /// `FICLONE` `src` into `tmp`, unless this source device is known not to support it.
     /// Returns whether the clone happened.
-    fn try_reflink(&self, src: BorrowedFd<'_>, src_dev: u64, tmp: &TmpObject) -> anyhow::Result<bool> {
+    fn try_reflink(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        tmp: &TmpObject,
+    ) -> anyhow::Result<bool> {
         {
-            let no = self.no_reflink_from.lock().unwrap_or_else(|p| p.into_inner());
+            let no = self
+                .no_reflink_from
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if no.contains(&src_dev) {
                 return Ok(false);
             }

@@ -229,9 +229,10 @@ fn check_digest(digest: &str) -> anyhow::Result<()> {
         Some(("sha256", h)) => h.len() == 64,
         Some(("sha512", h)) => h.len() == 128,
         _ => false,
-    } && digest
-        .split_once(':')
-        .is_some_and(|(_, h)| h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+    } && digest.split_once(':').is_some_and(|(_, h)| {
+        h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
     ensure!(ok, "{digest:?} is not a sha256:/sha512: digest");
     Ok(())
 }
@@ -244,7 +245,10 @@ fn verify_digest(data: &[u8], digest: &str, what: &str) -> anyhow::Result<()> {
     } else {
         format!("sha512:{}", hex::encode(sha2::Sha512::digest(data)))
     };
-    ensure!(got == digest, "{what}: content has digest {got}, expected {digest}");
+    ensure!(
+        got == digest,
+        "{what}: content has digest {got}, expected {digest}"
+    );
     Ok(())
 }
 
@@ -343,14 +347,23 @@ impl PreparedImage {
             publish_layer(repo, diff_id, id)?;
         }
         let config_name = format!("oci-config-{}", self.config_digest);
-        repo.symlink(&format!("streams/{config_name}"), &stream_target(&self.config_stream))
-            .with_context(|| format!("publishing config {}", self.config_digest))?;
+        repo.symlink(
+            &format!("streams/{config_name}"),
+            &stream_target(&self.config_stream),
+        )
+        .with_context(|| format!("publishing config {}", self.config_digest))?;
         let manifest_name = format!("oci-manifest-{}", self.manifest_digest);
-        repo.symlink(&format!("streams/{manifest_name}"), &stream_target(&self.manifest_stream))
-            .with_context(|| format!("publishing manifest {}", self.manifest_digest))?;
+        repo.symlink(
+            &format!("streams/{manifest_name}"),
+            &stream_target(&self.manifest_stream),
+        )
+        .with_context(|| format!("publishing manifest {}", self.manifest_digest))?;
         if let Some(enc) = tag_name {
-            repo.symlink(&format!("streams/refs/oci/{enc}"), &format!("../../{manifest_name}"))
-                .with_context(|| format!("tagging {}", tag.unwrap_or_default()))?;
+            repo.symlink(
+                &format!("streams/refs/oci/{enc}"),
+                &format!("../../{manifest_name}"),
+            )
+            .with_context(|| format!("tagging {}", tag.unwrap_or_default()))?;
         }
         Ok(PublishedImage {
             config_stream: self.config_stream.clone(),
@@ -370,14 +383,16 @@ struct ImageJson {
 
 fn parse_image_json(manifest: &[u8], config: &[u8]) -> anyhow::Result<ImageJson> {
     let m: serde_json::Value = serde_json::from_slice(manifest).context("parsing the manifest")?;
-    let mconfig = m.get("config").context("the manifest has no config descriptor")?;
+    let mconfig = m
+        .get("config")
+        .context("the manifest has no config descriptor")?;
     let config_digest_in_manifest = mconfig
         .get("digest")
         .and_then(|d| d.as_str())
         .context("the manifest's config descriptor has no digest")?
         .to_owned();
-    let is_image_config = mconfig.get("mediaType").and_then(|t| t.as_str())
-        == Some(OCI_IMAGE_CONFIG_MEDIA_TYPE);
+    let is_image_config =
+        mconfig.get("mediaType").and_then(|t| t.as_str()) == Some(OCI_IMAGE_CONFIG_MEDIA_TYPE);
     let c: serde_json::Value = serde_json::from_slice(config).context("parsing the config")?;
     let diff_ids = c
         .get("rootfs")
@@ -385,7 +400,11 @@ fn parse_image_json(manifest: &[u8], config: &[u8]) -> anyhow::Result<ImageJson>
         .and_then(|d| d.as_array())
         .context("the config has no rootfs.diff_ids")?
         .iter()
-        .map(|d| d.as_str().map(str::to_owned).context("a diff_id is not a string"))
+        .map(|d| {
+            d.as_str()
+                .map(str::to_owned)
+                .context("a diff_id is not a string")
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(ImageJson {
         config_digest_in_manifest,
@@ -415,8 +434,8 @@ pub fn prepare_image(
 ) -> anyhow::Result<PreparedImage> {
     verify_digest(manifest, manifest_digest, "manifest")?;
     verify_digest(config, config_digest, "config")?;
-    let json = parse_image_json(manifest, config)
-        .with_context(|| format!("image {manifest_digest}"))?;
+    let json =
+        parse_image_json(manifest, config).with_context(|| format!("image {manifest_digest}"))?;
     ensure!(
         json.config_digest_in_manifest == config_digest,
         "manifest {manifest_digest} names config {}, not {config_digest}",
@@ -440,9 +459,11 @@ pub fn prepare_image(
     let (erofs_images, erofs_skipped) = if !json.is_image_config {
         (
             Vec::new(),
-            Some("the config media type is not an OCI image config; composefs treats this \
+            Some(
+                "the config media type is not an OCI image config; composefs treats this \
                   as an artifact"
-                .to_owned()),
+                    .to_owned(),
+            ),
         )
     } else {
         build_erofs(repo, layers)?
@@ -491,17 +512,19 @@ pub fn prepare_image(
     })
 }
 
+/// Stored EROFS images (format version, id), default format first, or why there are none.
+type ErofsOutcome = (Vec<(u8, ObjectId)>, Option<String>);
+
 #[cfg(feature = "erofs")]
-fn build_erofs(
-    repo: &Repository,
-    layers: &[(String, ObjectId)],
-) -> anyhow::Result<(Vec<(u8, ObjectId)>, Option<String>)> {
+fn build_erofs(repo: &Repository, layers: &[(String, ObjectId)]) -> anyhow::Result<ErofsOutcome> {
     let streams: Vec<ObjectId> = layers.iter().map(|(_, id)| id.clone()).collect();
     let versions = repo.erofs_formats().versions();
     if let Some(v) = versions.iter().find(|v| !matches!(v, 1 | 2)) {
         return Ok((
             Vec::new(),
-            Some(format!("the repository asks for EROFS format {v}, which is not supported here")),
+            Some(format!(
+                "the repository asks for EROFS format {v}, which is not supported here"
+            )),
         ));
     }
     match super::erofs::build_images(repo, &streams, &versions)? {
@@ -520,11 +543,11 @@ fn build_erofs(
 }
 
 #[cfg(not(feature = "erofs"))]
-fn build_erofs(
-    _repo: &Repository,
-    _layers: &[(String, ObjectId)],
-) -> anyhow::Result<(Vec<(u8, ObjectId)>, Option<String>)> {
-    Ok((Vec::new(), Some("built without the `erofs` feature".to_owned())))
+fn build_erofs(_repo: &Repository, _layers: &[(String, ObjectId)]) -> anyhow::Result<ErofsOutcome> {
+    Ok((
+        Vec::new(),
+        Some("built without the `erofs` feature".to_owned()),
+    ))
 }
 
 /// [`prepare_image`] then [`PreparedImage::publish`], without a sync between them: objects
@@ -542,6 +565,13 @@ pub fn publish_image(
     layers: &[(String, ObjectId)],
     tag: Option<&str>,
 ) -> anyhow::Result<PublishedImage> {
-    prepare_image(repo, manifest, manifest_digest, config, config_digest, layers)?
-        .publish(repo, tag)
+    prepare_image(
+        repo,
+        manifest,
+        manifest_digest,
+        config,
+        config_digest,
+        layers,
+    )?
+    .publish(repo, tag)
 }

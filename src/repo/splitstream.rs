@@ -78,7 +78,7 @@ impl InlineRun {
 }
 
 /// Writes one splitstream, streaming: zstd output goes to a scratch file, inline runs spill
-/// to another beyond [`INLINE_MEM_MAX`], so memory does not grow with the stream (only with
+/// to another beyond 4 MiB, so memory does not grow with the stream (only with
 /// the number of distinct references: one digest and index entry each).
 pub struct SplitStreamWriter<'r> {
     repo: &'r Repository,
@@ -108,8 +108,9 @@ impl<'r> SplitStreamWriter<'r> {
     /// Scratch files cannot be created in the repository.
     pub fn new(repo: &'r Repository, content_type: u64) -> anyhow::Result<Self> {
         let out = repo.scratch_file()?;
-        let encoder = zstd::stream::write::Encoder::new(BufWriter::with_capacity(64 << 10, out), ZSTD_LEVEL)
-            .context("starting zstd")?;
+        let encoder =
+            zstd::stream::write::Encoder::new(BufWriter::with_capacity(64 << 10, out), ZSTD_LEVEL)
+                .context("starting zstd")?;
         Ok(SplitStreamWriter {
             repo,
             content_type,
@@ -167,21 +168,30 @@ impl<'r> SplitStreamWriter<'r> {
             return Ok(());
         }
         let tag = -i64::try_from(len).context("inline run too long")?;
-        self.encoder.write_all(&tag.to_le_bytes()).context("compressing")?;
+        self.encoder
+            .write_all(&tag.to_le_bytes())
+            .context("compressing")?;
         if self.run.spilled > 0 {
-            let f = self.run.spill.as_ref().expect("spilled implies a spill file");
+            let f = self
+                .run
+                .spill
+                .as_ref()
+                .expect("spilled implies a spill file");
             let mut buf = vec![0u8; COPY_CHUNK];
             let mut off = 0;
             while off < self.run.spilled {
                 let want = (self.run.spilled - off).min(COPY_CHUNK as u64) as usize;
-                let n = read_full_at(f.as_fd(), &mut buf[..want], off).context("reading spilled inline data")?;
+                let n = read_full_at(f.as_fd(), &mut buf[..want], off)
+                    .context("reading spilled inline data")?;
                 ensure!(n == want, "spilled inline data truncated at offset {off}");
                 self.encoder.write_all(&buf[..n]).context("compressing")?;
                 off += n as u64;
             }
             self.run.spilled = 0;
         }
-        self.encoder.write_all(&self.run.mem).context("compressing")?;
+        self.encoder
+            .write_all(&self.run.mem)
+            .context("compressing")?;
         self.run.mem.clear();
         Ok(())
     }
@@ -191,8 +201,12 @@ impl<'r> SplitStreamWriter<'r> {
     /// # Errors
     /// The object is missing or belongs to another algorithm.
     pub fn write_external(&mut self, id: &ObjectId) -> anyhow::Result<()> {
-        let st = rustix::fs::statat(self.repo.objects_dir(), id.object_path(), rustix::fs::AtFlags::empty())
-            .with_context(|| format!("object {id} referenced from a splitstream"))?;
+        let st = rustix::fs::statat(
+            self.repo.objects_dir(),
+            id.object_path(),
+            rustix::fs::AtFlags::empty(),
+        )
+        .with_context(|| format!("object {id} referenced from a splitstream"))?;
         self.write_external_sized(id, st.st_size as u64)
     }
 
@@ -208,7 +222,9 @@ impl<'r> SplitStreamWriter<'r> {
         );
         self.flush_inline()?;
         let idx = self.object_refs.ensure(id) as i64;
-        self.encoder.write_all(&idx.to_le_bytes()).context("compressing")?;
+        self.encoder
+            .write_all(&idx.to_le_bytes())
+            .context("compressing")?;
         self.total_size += size;
         Ok(())
     }
@@ -261,7 +277,10 @@ impl<'r> SplitStreamWriter<'r> {
         let info_start = HEADER_SIZE as u64;
         let info_end = info_start + INFO_SIZE as u64;
         let stream_refs = (info_end, info_end + self.stream_refs.bytes.len() as u64);
-        let object_refs = (stream_refs.1, stream_refs.1 + self.object_refs.bytes.len() as u64);
+        let object_refs = (
+            stream_refs.1,
+            stream_refs.1 + self.object_refs.bytes.len() as u64,
+        );
         let named_refs = (object_refs.1, object_refs.1 + named.len() as u64);
         let stream = (named_refs.1, named_refs.1 + stream_len);
 
@@ -308,8 +327,12 @@ impl Repository {
     pub(crate) fn scratch_file(&self) -> anyhow::Result<File> {
         let super::objects::TmpObject { file, name } = self.create_tmp_object()?;
         if let Some(name) = name {
-            rustix::fs::unlinkat(self.objects_dir(), name.as_str(), rustix::fs::AtFlags::empty())
-                .with_context(|| format!("unlinking scratch file objects/{name}"))?;
+            rustix::fs::unlinkat(
+                self.objects_dir(),
+                name.as_str(),
+                rustix::fs::AtFlags::empty(),
+            )
+            .with_context(|| format!("unlinking scratch file objects/{name}"))?;
         }
         Ok(file)
     }
@@ -326,6 +349,7 @@ pub enum Chunk {
 
 /// A body read by [`SplitStreamReader::read_body`].
 #[derive(Debug)]
+#[cfg_attr(not(feature = "erofs"), allow(dead_code))]
 pub(crate) enum Body {
     Inline(Vec<u8>),
     External(ObjectId),
@@ -333,7 +357,6 @@ pub(crate) enum Body {
 
 /// Reads a splitstream (ours or composefs-rs's, including its pre-`repr(C)` header layout).
 pub struct SplitStreamReader {
-    alg: HashAlg,
     content_type: u64,
     stream_size: u64,
     object_refs: Vec<ObjectId>,
@@ -409,18 +432,19 @@ impl SplitStreamReader {
             lg == super::fsverity::LG_BLOCK_SIZE,
             "splitstream block size 2^{lg} unsupported"
         );
-        let read_range = |(start, end): (u64, u64), max: u64, what: &str| -> anyhow::Result<Vec<u8>> {
-            ensure!(
-                start <= end && end <= file_size && end - start <= max,
-                "{what} range {start}..{end} invalid in a {file_size}-byte file"
-            );
-            let mut v = vec![0u8; (end - start) as usize];
-            ensure!(
-                read_full_at(file.as_fd(), &mut v, start)? == v.len(),
-                "{what} truncated"
-            );
-            Ok(v)
-        };
+        let read_range =
+            |(start, end): (u64, u64), max: u64, what: &str| -> anyhow::Result<Vec<u8>> {
+                ensure!(
+                    start <= end && end <= file_size && end - start <= max,
+                    "{what} range {start}..{end} invalid in a {file_size}-byte file"
+                );
+                let mut v = vec![0u8; (end - start) as usize];
+                ensure!(
+                    read_full_at(file.as_fd(), &mut v, start)? == v.len(),
+                    "{what} truncated"
+                );
+                Ok(v)
+            };
         let info_bytes = read_range(info, MAX_INFO_SIZE, "info section")?;
         ensure!(
             info_bytes.len() >= INFO_SIZE,
@@ -428,7 +452,8 @@ impl SplitStreamReader {
             info_bytes.len()
         );
         let range = |i: usize| (le64(&info_bytes, i * 16), le64(&info_bytes, i * 16 + 8));
-        let (stream_refs_r, object_refs_r, stream_r, named_refs_r) = (range(0), range(1), range(2), range(3));
+        let (stream_refs_r, object_refs_r, stream_r, named_refs_r) =
+            (range(0), range(1), range(2), range(3));
         let content_type = le64(&info_bytes, 64);
         let stream_size = le64(&info_bytes, 72);
         if let Some(want) = expected_content_type {
@@ -441,7 +466,7 @@ impl SplitStreamReader {
         }
         let digests = |bytes: Vec<u8>, what: &str| -> anyhow::Result<Vec<ObjectId>> {
             ensure!(
-                bytes.len() % alg.digest_len() == 0,
+                bytes.len().is_multiple_of(alg.digest_len()),
                 "{what}: {} bytes is not a whole number of digests",
                 bytes.len()
             );
@@ -450,8 +475,14 @@ impl SplitStreamReader {
                 .map(|c| ObjectId::from_bytes(alg, c).expect("chunk of digest length"))
                 .collect())
         };
-        let stream_refs = digests(read_range(stream_refs_r, file_size, "stream refs")?, "stream refs")?;
-        let object_refs = digests(read_range(object_refs_r, file_size, "object refs")?, "object refs")?;
+        let stream_refs = digests(
+            read_range(stream_refs_r, file_size, "stream refs")?,
+            "stream refs",
+        )?;
+        let object_refs = digests(
+            read_range(object_refs_r, file_size, "object refs")?,
+            "object refs",
+        )?;
         let named_raw = read_range(named_refs_r, MAX_NAMED_REFS, "named refs")?;
         let mut named_text = Vec::new();
         zstd::stream::read::Decoder::new(&named_raw[..])
@@ -497,7 +528,6 @@ impl SplitStreamReader {
         let decoder = zstd::stream::read::Decoder::new(f.take(stream_r.1 - stream_r.0))
             .context("starting zstd on the stream")?;
         Ok(SplitStreamReader {
-            alg,
             content_type,
             stream_size,
             object_refs,
@@ -573,7 +603,10 @@ impl SplitStreamReader {
                 .ok()
                 .and_then(|i| self.object_refs.get(i))
                 .with_context(|| {
-                    format!("object reference {tag} out of range at stream offset {}", self.pos)
+                    format!(
+                        "object reference {tag} out of range at stream offset {}",
+                        self.pos
+                    )
                 })?
                 .clone();
             Ok(Some(Chunk::External(id)))
@@ -602,13 +635,17 @@ impl SplitStreamReader {
 
     /// Read `buf.len()` inline bytes that must lie within one inline chunk (composefs-rs's
     /// rule for tar headers). `false` at the clean end of the stream.
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn read_inline_exact(&mut self, buf: &mut [u8]) -> anyhow::Result<bool> {
         if self.inline_left == 0 {
             match self.next_chunk()? {
                 None => return Ok(false),
                 Some(Chunk::Inline(_)) => {}
                 Some(Chunk::External(id)) => {
-                    bail!("object {id} where inline tar data was expected (stream offset {})", self.pos)
+                    bail!(
+                        "object {id} where inline tar data was expected (stream offset {})",
+                        self.pos
+                    )
                 }
             }
         }
@@ -618,6 +655,7 @@ impl SplitStreamReader {
 
     /// Read an entry body of `size` bytes stored in `padded` bytes (composefs-rs's rule: either
     /// one external object followed by inline padding, or all of it inline in one chunk).
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn read_body(&mut self, size: u64, padded: u64) -> anyhow::Result<Body> {
         if self.inline_left == 0 {
             match self.next_chunk()? {
@@ -627,7 +665,10 @@ impl SplitStreamReader {
                     let pad = (padded - size) as usize;
                     if pad > 0 {
                         let mut p = [0u8; 512];
-                        ensure!(self.read_inline_exact(&mut p[..pad])?, "stream ends in padding");
+                        ensure!(
+                            self.read_inline_exact(&mut p[..pad])?,
+                            "stream ends in padding"
+                        );
                     }
                     return Ok(Body::External(id));
                 }
@@ -667,17 +708,13 @@ impl SplitStreamReader {
                 }
                 Chunk::External(id) => {
                     let mut f = repo.open_object(&id)?;
-                    let n = std::io::copy(&mut f, out).with_context(|| format!("copying object {id}"))?;
+                    let n = std::io::copy(&mut f, out)
+                        .with_context(|| format!("copying object {id}"))?;
                     self.pos += n;
                     total += n;
                 }
             }
         }
         Ok(total)
-    }
-
-    #[allow(dead_code)]
-    pub(crate) fn alg(&self) -> HashAlg {
-        self.alg
     }
 }

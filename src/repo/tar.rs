@@ -93,7 +93,9 @@ pub(crate) struct TarTracker {
 impl TarTracker {
     pub(crate) fn new() -> Self {
         TarTracker {
-            state: State::Header { block: Vec::with_capacity(BLOCK) },
+            state: State::Header {
+                block: Vec::with_capacity(BLOCK),
+            },
             pending: Pending::default(),
             offset: 0,
         }
@@ -140,7 +142,9 @@ impl TarTracker {
                     if pax {
                         self.on_pax(&collected, start)?;
                     }
-                    self.state = State::Header { block: Vec::with_capacity(BLOCK) };
+                    self.state = State::Header {
+                        block: Vec::with_capacity(BLOCK),
+                    };
                 }
                 (n, Region::Inline)
             }
@@ -148,7 +152,9 @@ impl TarTracker {
                 let n = (*left).min(data.len() as u64) as usize;
                 *left -= n as u64;
                 if *left == 0 {
-                    self.state = State::Header { block: Vec::with_capacity(BLOCK) };
+                    self.state = State::Header {
+                        block: Vec::with_capacity(BLOCK),
+                    };
                 }
                 (n, Region::Inline)
             }
@@ -241,7 +247,9 @@ impl TarTracker {
                 // Two zero blocks: end of archive. Whatever follows is kept verbatim.
                 self.state = State::Trailer;
             } else {
-                self.state = State::Zero { block: Vec::with_capacity(BLOCK) };
+                self.state = State::Zero {
+                    block: Vec::with_capacity(BLOCK),
+                };
             }
             return Ok(());
         }
@@ -252,7 +260,13 @@ impl TarTracker {
         let computed: u64 = h
             .iter()
             .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { u64::from(b' ') } else { u64::from(b) })
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    u64::from(b' ')
+                } else {
+                    u64::from(b)
+                }
+            })
             .sum();
         ensure!(
             stored == computed,
@@ -287,7 +301,9 @@ impl TarTracker {
                     if pax {
                         self.on_pax(&[], block_start)?;
                     }
-                    State::Header { block: Vec::with_capacity(BLOCK) }
+                    State::Header {
+                        block: Vec::with_capacity(BLOCK),
+                    }
                 } else {
                     State::Extension {
                         left: padded,
@@ -299,7 +315,9 @@ impl TarTracker {
             }
             b'g' => {
                 self.state = if padded == 0 {
-                    State::Header { block: Vec::with_capacity(BLOCK) }
+                    State::Header {
+                        block: Vec::with_capacity(BLOCK),
+                    }
                 } else {
                     State::Skip { left: padded }
                 };
@@ -379,7 +397,9 @@ impl TarTracker {
 
 fn after_body(padding: u64) -> State {
     if padding == 0 {
-        State::Header { block: Vec::with_capacity(BLOCK) }
+        State::Header {
+            block: Vec::with_capacity(BLOCK),
+        }
     } else {
         State::Skip { left: padding }
     }
@@ -406,7 +426,10 @@ fn octal(field: &[u8]) -> Option<u64> {
     let end = field.iter().position(|&b| b == 0).unwrap_or(field.len());
     let f = &field[..end];
     let start = f.iter().position(|&b| !is_tar_space(b)).unwrap_or(f.len());
-    let stop = f.iter().rposition(|&b| !is_tar_space(b)).map_or(start, |p| p + 1);
+    let stop = f
+        .iter()
+        .rposition(|&b| !is_tar_space(b))
+        .map_or(start, |p| p + 1);
     let digits = &f[start..stop.max(start)];
     if digits.is_empty() {
         return Some(0);
@@ -459,7 +482,11 @@ mod tests {
             while !p.is_empty() {
                 let (n, r) = t.advance(p).unwrap();
                 let r = match r {
-                    Region::ExternalBody { size, .. } => Region::ExternalBody { size, first: false, last: false },
+                    Region::ExternalBody { size, .. } => Region::ExternalBody {
+                        size,
+                        first: false,
+                        last: false,
+                    },
                     r => r,
                 };
                 match out.last_mut() {
@@ -483,7 +510,11 @@ mod tests {
         tar.extend_from_slice(&[0u8; 512 - 65]);
         tar.extend_from_slice(&header("link", b'1', 0));
         tar.extend_from_slice(&[0u8; 1024 + 512 * 3]);
-        let ext = Region::ExternalBody { size: 65, first: false, last: false };
+        let ext = Region::ExternalBody {
+            size: 65,
+            first: false,
+            last: false,
+        };
         let want = vec![
             (Region::Inline, 512 * 3),
             (ext, 65),
@@ -505,7 +536,17 @@ mod tests {
         tar.extend_from_slice(&header("f", b'0', 5));
         tar.extend_from_slice(&vec![3u8; 1024]);
         let r = regions(&tar, 300);
-        assert_eq!(r[1], (Region::ExternalBody { size: 1000, first: false, last: false }, 1000));
+        assert_eq!(
+            r[1],
+            (
+                Region::ExternalBody {
+                    size: 1000,
+                    first: false,
+                    last: false
+                },
+                1000
+            )
+        );
 
         let mut bad = header("f", b'0', 5);
         bad[0] = b'g';
@@ -524,7 +565,10 @@ mod tests {
             p = &p[n..];
         }
         let err = t.check_complete().unwrap_err();
-        assert!(err.to_string().contains("tar truncated at offset 1024"), "{err}");
+        assert!(
+            err.to_string().contains("tar truncated at offset 1024"),
+            "{err}"
+        );
         assert!(t.take_body(100).unwrap());
     }
 
