@@ -1,0 +1,457 @@
+//! Writing objects: `objects/XX/<rest>`, named by fs-verity digest.
+//!
+//! Every object is written into an anonymous `O_TMPFILE` in `objects/` (mode 0400: objects
+//! are image content, possibly from files that were not world-readable), hashed while it is
+//! written, given fs-verity where the filesystem supports it, and only then linked under its
+//! name. A crash leaves no partial object behind, and an existing object of the same name is
+//! reused only after a cheap check (its size, and its kernel fs-verity digest when available).
+
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+
+use anyhow::{Context, bail, ensure};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::io::Errno;
+
+use super::fsverity::{self, FsVerityHasher, KernelVerity};
+use super::{ObjectId, Repository, StoreMethod, proc_fd_path, tmp_name};
+
+/// Read size when hashing and copying a source file. Large enough that syscall overhead
+/// vanishes next to hashing, small enough to stay in L2/L3 while both hashes run over it.
+pub(crate) const READ_CHUNK: usize = 1 << 20;
+
+/// Permissions of object files: readable by the repository owner only. (composefs-rs uses
+/// 0644, which leaks content of files that were private in the image's source.)
+const OBJECT_MODE: u32 = 0o400;
+
+/// A temporary file in `objects/` that becomes an object once its digest is known.
+pub(crate) struct TmpObject {
+    pub(crate) file: File,
+    /// `Some(name)` when the filesystem lacked O_TMPFILE and a named file had to be used.
+    pub(crate) name: Option<String>,
+}
+
+impl std::fmt::Debug for TmpObject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TmpObject")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// An object written incrementally from memory (a body that arrived as tar bytes, a
+/// splitstream being assembled).
+pub(crate) struct ObjectWriter<'r> {
+    repo: &'r Repository,
+    tmp: TmpObject,
+    hasher: FsVerityHasher,
+    written: u64,
+}
+
+impl std::fmt::Debug for ObjectWriter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectWriter")
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'r> ObjectWriter<'r> {
+    pub(crate) fn new(repo: &'r Repository) -> anyhow::Result<Self> {
+        Ok(ObjectWriter {
+            repo,
+            tmp: repo.create_tmp_object()?,
+            hasher: FsVerityHasher::new(repo.algorithm()),
+            written: 0,
+        })
+    }
+
+    pub(crate) fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        write_all_at(self.tmp.file.as_fd(), data, self.written)
+            .with_context(|| format!("writing object tmpfile at offset {}", self.written))?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    pub(crate) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Name the object; returns its id and whether it was new.
+    pub(crate) fn finish(self) -> anyhow::Result<(ObjectId, StoreMethod)> {
+        let id = self.hasher.finish();
+        let method = self.repo.commit_tmp_object(self.tmp, &id, self.written)?;
+        Ok((id, method))
+    }
+}
+
+/// `pwrite` all of `data` at `offset`.
+pub(crate) fn write_all_at(
+    fd: BorrowedFd<'_>,
+    mut data: &[u8],
+    mut offset: u64,
+) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = rustix::io::pwrite(fd, data, offset)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// `pread` until `buf` is full or EOF; returns the bytes read.
+pub(crate) fn read_full_at(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    mut offset: u64,
+) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match rustix::io::pread(fd, &mut buf[got..], offset) {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                offset += n as u64;
+            }
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(got)
+}
+
+impl Repository {
+    /// A fresh temporary object file in `objects/`.
+    pub(crate) fn create_tmp_object(&self) -> anyhow::Result<TmpObject> {
+        match rustix::fs::openat(
+            &self.objects,
+            ".",
+            OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(OBJECT_MODE),
+        ) {
+            Ok(fd) => {
+                return Ok(TmpObject {
+                    file: File::from(fd),
+                    name: None,
+                });
+            }
+            // Filesystems without O_TMPFILE (some FUSE ones): fall back to a named file.
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("creating a tmpfile in {}", self.rel("objects")));
+            }
+        }
+        let name = tmp_name(".tmp-object-");
+        let fd = rustix::fs::openat(
+            &self.objects,
+            name.as_str(),
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(OBJECT_MODE),
+        )
+        .with_context(|| format!("creating {}", self.rel(&format!("objects/{name}"))))?;
+        Ok(TmpObject {
+            file: File::from(fd),
+            name: Some(name),
+        })
+    }
+
+    /// Is the object `id` present and intact enough to reuse? Checks its size, and its kernel
+    /// fs-verity digest when it has one; a secure repository requires one.
+    fn existing_object_ok(&self, id: &ObjectId, size: u64) -> anyhow::Result<bool> {
+        let fd = match rustix::fs::openat(
+            &self.objects,
+            id.object_path(),
+            OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(false),
+            // A symlink or other junk under an object's name: replace it.
+            Err(Errno::LOOP) => return Ok(false),
+            Err(e) => return Err(e).with_context(|| format!("opening object {id}")),
+        };
+        let st = rustix::fs::fstat(&fd).with_context(|| format!("checking object {id}"))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile || st.st_size as u64 != size
+        {
+            return Ok(false);
+        }
+        match fsverity::measure(&fd, self.alg).with_context(|| format!("measuring object {id}"))? {
+            Some(got) => Ok(&got == id),
+            None => Ok(self.insecure),
+        }
+    }
+
+    /// Turn a fully written temporary file into object `id` (`size` bytes): fs-verity where
+    /// supported (required in a secure repository, and the kernel's digest must equal `id`),
+    /// then link it in, unless an intact object of that name already exists.
+    pub(crate) fn commit_tmp_object(
+        &self,
+        tmp: TmpObject,
+        id: &ObjectId,
+        size: u64,
+    ) -> anyhow::Result<StoreMethod> {
+        let cleanup = |tmp: &TmpObject| {
+            if let Some(name) = &tmp.name {
+                let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+            }
+        };
+        if self.existing_object_ok(id, size)? {
+            cleanup(&tmp);
+            return Ok(StoreMethod::AlreadyPresent);
+        }
+        let ctx = || format!("storing object {id}");
+        // fs-verity refuses files with a writable fd open: reopen read-only, drop the writer.
+        let ro: OwnedFd = match &tmp.name {
+            None => rustix::fs::open(
+                proc_fd_path(tmp.file.as_fd()).as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ),
+            Some(name) => rustix::fs::openat(
+                &self.objects,
+                name.as_str(),
+                OFlags::RDONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            ),
+        }
+        .with_context(ctx)?;
+        let TmpObject { file, name } = tmp;
+        drop(file);
+        let r = self.protect_and_link(&ro, name.as_deref(), id);
+        if r.is_err()
+            && let Some(name) = &name
+        {
+            let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+        }
+        r.with_context(ctx)
+    }
+
+    fn protect_and_link(
+        &self,
+        ro: &OwnedFd,
+        name: Option<&str>,
+        id: &ObjectId,
+    ) -> anyhow::Result<StoreMethod> {
+        match fsverity::enable(ro, self.alg).context("enabling fs-verity")? {
+            KernelVerity::Enabled => {
+                let got = fsverity::measure(ro, self.alg).context("measuring fs-verity")?;
+                ensure!(
+                    got.as_ref() == Some(id),
+                    "the kernel measured fs-verity digest {got:?}: the content changed while it \
+                     was being imported"
+                );
+            }
+            KernelVerity::Unsupported if self.insecure => {}
+            KernelVerity::Unsupported => bail!(
+                "the filesystem has no fs-verity, but the repository requires it (its meta.json \
+                 has fs-verity)"
+            ),
+        }
+        let path = id.object_path();
+        let dir = &path[..2];
+        for attempt in 0..2 {
+            let r = match name {
+                None => rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    proc_fd_path(ro.as_fd()).as_str(),
+                    &self.objects,
+                    path.as_str(),
+                    AtFlags::SYMLINK_FOLLOW,
+                ),
+                Some(name) => rustix::fs::renameat_with(
+                    &self.objects,
+                    name,
+                    &self.objects,
+                    path.as_str(),
+                    rustix::fs::RenameFlags::NOREPLACE,
+                ),
+            };
+            match r {
+                Ok(()) => return Ok(StoreMethod::Copied),
+                Err(Errno::NOENT) if attempt == 0 => {
+                    match rustix::fs::mkdirat(&self.objects, dir, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("creating objects/{dir}"));
+                        }
+                    }
+                }
+                Err(Errno::EXIST) => {
+                    // A concurrent writer, or a damaged object we decided not to trust.
+                    if self.existing_object_ok(id, rustix::fs::fstat(ro)?.st_size as u64)? {
+                        if let Some(name) = name {
+                            let _ = rustix::fs::unlinkat(&self.objects, name, AtFlags::empty());
+                        }
+                        return Ok(StoreMethod::AlreadyPresent);
+                    }
+                    return self.replace_object(ro, name, &path);
+                }
+                Err(e) => return Err(e).with_context(|| format!("linking objects/{path}")),
+            }
+        }
+        bail!("objects/{dir} disappeared while linking objects/{path}")
+    }
+
+    /// Atomically put `ro` in place of a damaged object at `path`.
+    fn replace_object(
+        &self,
+        ro: &OwnedFd,
+        name: Option<&str>,
+        path: &str,
+    ) -> anyhow::Result<StoreMethod> {
+        let tmp;
+        let from = match name {
+            Some(n) => n,
+            None => {
+                tmp = tmp_name(".tmp-object-");
+                rustix::fs::linkat(
+                    rustix::fs::CWD,
+                    proc_fd_path(ro.as_fd()).as_str(),
+                    &self.objects,
+                    tmp.as_str(),
+                    AtFlags::SYMLINK_FOLLOW,
+                )
+                .with_context(|| format!("linking a replacement for objects/{path}"))?;
+                tmp.as_str()
+            }
+        };
+        if let Err(e) = rustix::fs::renameat(&self.objects, from, &self.objects, path) {
+            let _ = rustix::fs::unlinkat(&self.objects, from, AtFlags::empty());
+            return Err(e).with_context(|| format!("replacing damaged objects/{path}"));
+        }
+        Ok(StoreMethod::Copied)
+    }
+
+    /// Store `data` as an object.
+    ///
+    /// # Errors
+    /// I/O errors, or fs-verity failures in a secure repository.
+    pub fn store_bytes(&self, data: &[u8]) -> anyhow::Result<ObjectId> {
+        let id = FsVerityHasher::digest(self.alg, data);
+        if self.existing_object_ok(&id, data.len() as u64)? {
+            return Ok(id);
+        }
+        let tmp = self.create_tmp_object()?;
+        write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
+        self.commit_tmp_object(tmp, &id, data.len() as u64)?;
+        Ok(id)
+    }
+
+    /// Store a regular-file body of `size` bytes from `src` as an object.
+    ///
+    /// The data path is `FICLONE` (a reflink: no data copied) when source and repository share
+    /// a filesystem that supports it, and otherwise a copy from the same buffer that is read for
+    /// hashing. `src` is read exactly once, front to back; every chunk is passed to `feed` in
+    /// order (the caller hashes the layer tar from the same buffer).
+    ///
+    /// # Errors
+    /// `src` is not a regular file of exactly `size` bytes, it changed while being read (caught
+    /// by the kernel's fs-verity digest where available), or I/O errors.
+    pub fn store_file(
+        &self,
+        src: BorrowedFd<'_>,
+        size: u64,
+        feed: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<(ObjectId, StoreMethod)> {
+        let st = rustix::fs::fstat(src).context("inspecting the source file")?;
+        ensure!(
+            FileType::from_raw_mode(st.st_mode) == FileType::RegularFile,
+            "the source is not a regular file (mode {:o})",
+            st.st_mode
+        );
+        ensure!(
+            st.st_size as u64 == size,
+            "the source file has {} bytes, but {size} were announced",
+            st.st_size
+        );
+        let tmp = self.create_tmp_object()?;
+        let reflinked = self.try_reflink(src, st.st_dev, &tmp)?;
+
+        let mut hasher = FsVerityHasher::new(self.alg);
+        let mut buf = self.take_buffer(usize::try_from(size).unwrap_or(usize::MAX));
+        let mut offset = 0u64;
+        let r = (|| -> anyhow::Result<()> {
+            while offset < size {
+                let want = (size - offset).min(buf.len() as u64) as usize;
+                let n = read_full_at(src, &mut buf[..want], offset)
+                    .with_context(|| format!("reading the source file at offset {offset}"))?;
+                ensure!(
+                    n == want,
+                    "the source file ended at offset {} of {size} announced bytes",
+                    offset + n as u64
+                );
+                let chunk = &buf[..n];
+                if !reflinked {
+                    write_all_at(tmp.file.as_fd(), chunk, offset)
+                        .with_context(|| format!("writing object tmpfile at offset {offset}"))?;
+                }
+                hasher.update(chunk);
+                feed(chunk);
+                offset += n as u64;
+            }
+            Ok(())
+        })();
+        self.give_buffer(buf);
+        r?;
+        if reflinked {
+            // The clone took whatever the source held at that moment; make sure it is what
+            // was hashed, at least by size (the kernel digest check below catches the rest
+            // where fs-verity exists).
+            let now = rustix::fs::fstat(&tmp.file).context("inspecting the reflinked object")?;
+            ensure!(
+                now.st_size as u64 == size,
+                "the source file changed size while it was imported ({} bytes cloned, {size} \
+                 hashed)",
+                now.st_size
+            );
+        }
+        let id = hasher.finish();
+        let method = self.commit_tmp_object(tmp, &id, size)?;
+        Ok((
+            id,
+            match method {
+                StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
+                _ if reflinked => StoreMethod::Reflinked,
+                m => m,
+            },
+        ))
+    }
+
+    /// `FICLONE` `src` into `tmp`, unless this source device is known not to support it.
+    /// Returns whether the clone happened.
+    fn try_reflink(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        tmp: &TmpObject,
+    ) -> anyhow::Result<bool> {
+        {
+            let no = self
+                .no_reflink_from
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if no.contains(&src_dev) {
+                return Ok(false);
+            }
+        }
+        match rustix::fs::ioctl_ficlone(&tmp.file, src) {
+            Ok(()) => Ok(true),
+            // Not supported by the filesystem (ext4, tmpfs), or not the same filesystem:
+            // remember, so later files from this device skip the attempt.
+            Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::NOTTY | Errno::INVAL | Errno::NOSYS) => {
+                self.no_reflink_from
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(src_dev);
+                Ok(false)
+            }
+            // Anything else (EBADF: source not readable, …) shows up again when we read it.
+            Err(_) => Ok(false),
+        }
+    }
+}

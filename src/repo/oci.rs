@@ -1,0 +1,577 @@
+//! OCI images in a composefs repository, as composefs-rs 0.9.4 (`cfsctl oci pull`) stores them.
+//!
+//! | stream | content type | content | named refs |
+//! |---|---|---|---|
+//! | `oci-layer-<diff_id>` | `ocilayer` | the layer tar; regular-file bodies > 64 bytes external | — |
+//! | `oci-config-<digest>` | `ociconfg` | the config JSON as one object | `<diff_id>` → layer streams (config order); `composefs.image.v1` (V1) / `composefs.image` (V2) → EROFS image |
+//! | `oci-manifest-<digest>` | `ocimanif` | the manifest JSON as one object | `config:<digest>` → config stream; `<diff_id>` → layer streams |
+//!
+//! Tags are `streams/refs/oci/<tag>` → `../../oci-manifest-<digest>`, with `%` → `%25` and
+//! `/` → `%2F`. EROFS images are linked as `images/<hex>`.
+
+use std::os::fd::BorrowedFd;
+
+use anyhow::{Context, ensure};
+use sha2::Digest as _;
+
+use super::objects::{ObjectWriter, read_full_at};
+use super::splitstream::SplitStreamWriter;
+use super::tar::{Region, TarTracker};
+use super::{ObjectId, Repository, StoreMethod, check_link_name};
+
+/// Content type of layer splitstreams.
+pub const LAYER_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ocilayer");
+/// Content type of config splitstreams.
+pub const CONFIG_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ociconfg");
+/// Content type of manifest splitstreams.
+pub const MANIFEST_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ocimanif");
+
+/// Config named ref to the V2 EROFS image.
+pub const IMAGE_REF_V2: &str = "composefs.image";
+/// Config named ref to the V1 EROFS image (the default format of new repositories).
+pub const IMAGE_REF_V1: &str = "composefs.image.v1";
+
+/// Media type of OCI image configs; composefs treats manifests with any other config type as
+/// artifacts (no EROFS image).
+const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+
+/// Largest small-file body read into memory from an fd (bodies stored inline are ≤ 64 bytes
+/// for regular files; other entry types rarely carry data at all).
+const INLINE_BODY_READ_CHUNK: usize = 64 << 10;
+
+/// What one layer import did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImportStats {
+    /// Bytes of the layer tar.
+    pub tar_bytes: u64,
+    /// Bytes kept inline in the splitstream.
+    pub inline_bytes: u64,
+    /// External objects created by reflink.
+    pub objects_reflinked: u64,
+    /// External objects created by copying.
+    pub objects_copied: u64,
+    /// External objects that already existed.
+    pub objects_present: u64,
+    /// Bytes of reflinked objects.
+    pub bytes_reflinked: u64,
+    /// Bytes of copied objects.
+    pub bytes_copied: u64,
+}
+
+impl ImportStats {
+    fn count(&mut self, method: StoreMethod, size: u64) {
+        match method {
+            StoreMethod::Reflinked => {
+                self.objects_reflinked += 1;
+                self.bytes_reflinked += size;
+            }
+            StoreMethod::Copied => {
+                self.objects_copied += 1;
+                self.bytes_copied += size;
+            }
+            StoreMethod::AlreadyPresent => self.objects_present += 1,
+        }
+    }
+}
+
+/// Imports one layer tar into a splitstream, exactly as `cfsctl` splits it, while computing
+/// the tar's sha256 from the same buffers.
+///
+/// Feed the tar in order: [`inline`](Self::inline) for tar bytes, [`file`](Self::file) for a
+/// whole regular-file body. Bodies larger than 64 bytes become objects whichever way they
+/// arrive; smaller ones stay inline. [`finish`](Self::finish) checks the diff_id and stores
+/// the splitstream; nothing is linked (see [`publish_layer`]).
+pub struct LayerImporter<'r> {
+    repo: &'r Repository,
+    writer: SplitStreamWriter<'r>,
+    tracker: TarTracker,
+    sha: sha2::Sha256,
+    /// An external body arriving as inline bytes.
+    body: Option<ObjectWriter<'r>>,
+    stats: ImportStats,
+}
+
+impl std::fmt::Debug for LayerImporter<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerImporter")
+            .field("offset", &self.tracker.offset())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'r> LayerImporter<'r> {
+    /// Start importing a layer into `repo`.
+    ///
+    /// # Errors
+    /// Scratch files cannot be created.
+    pub fn new(repo: &'r Repository) -> anyhow::Result<Self> {
+        Ok(LayerImporter {
+            repo,
+            writer: SplitStreamWriter::new(repo, LAYER_CONTENT_TYPE)?,
+            tracker: TarTracker::new(),
+            sha: sha2::Sha256::new(),
+            body: None,
+            stats: ImportStats::default(),
+        })
+    }
+
+    /// The next bytes of the tar, verbatim.
+    ///
+    /// # Errors
+    /// Malformed tar (checksum, sparse entry, …) or I/O errors; the message names the offset.
+    pub fn inline(&mut self, mut data: &[u8]) -> anyhow::Result<()> {
+        self.sha.update(data);
+        self.stats.tar_bytes += data.len() as u64;
+        while !data.is_empty() {
+            let (n, region) = self.tracker.advance(data)?;
+            let (now, rest) = data.split_at(n);
+            match region {
+                Region::Inline => {
+                    self.stats.inline_bytes += n as u64;
+                    self.writer.write_inline(now)?;
+                }
+                Region::ExternalBody { size, first, last } => {
+                    if first {
+                        self.body = Some(ObjectWriter::new(self.repo)?);
+                    }
+                    let body = self.body.as_mut().expect("body started by its first bytes");
+                    body.write(now)?;
+                    if last {
+                        let body = self.body.take().expect("checked above");
+                        let (id, method) = body.finish()?;
+                        self.stats.count(method, size);
+                        self.writer.write_external_sized(&id, size)?;
+                    }
+                }
+            }
+            data = rest;
+        }
+        Ok(())
+    }
+
+    /// One whole regular-file body of `size` bytes, at the point of the tar where it belongs.
+    /// Returns how it was stored (`None`: kept inline).
+    ///
+    /// # Errors
+    /// No body starts here, `size` disagrees with the header or the file, or I/O errors.
+    pub fn file(&mut self, fd: BorrowedFd<'_>, size: u64) -> anyhow::Result<Option<StoreMethod>> {
+        let at = self.tracker.offset();
+        let external = self.tracker.take_body(size)?;
+        self.stats.tar_bytes += size;
+        if external {
+            let sha = &mut self.sha;
+            let (id, method) = self
+                .repo
+                .store_file(fd, size, &mut |chunk| sha.update(chunk))
+                .with_context(|| format!("storing the file body at tar offset {at}"))?;
+            self.stats.count(method, size);
+            self.writer.write_external_sized(&id, size)?;
+            Ok(Some(method))
+        } else {
+            let st = rustix::fs::fstat(fd)
+                .with_context(|| format!("inspecting the file body at tar offset {at}"))?;
+            ensure!(
+                st.st_size as u64 == size,
+                "the file for the body at tar offset {at} has {} bytes, the header says {size}",
+                st.st_size
+            );
+            let mut buf = vec![0u8; (size as usize).min(INLINE_BODY_READ_CHUNK)];
+            let mut off = 0u64;
+            while off < size {
+                let want = (size - off).min(buf.len() as u64) as usize;
+                let n = read_full_at(fd, &mut buf[..want], off)
+                    .with_context(|| format!("reading the file body at tar offset {}", at + off))?;
+                ensure!(
+                    n == want,
+                    "the file for the body at tar offset {at} ended after {} of {size} bytes",
+                    off + n as u64
+                );
+                self.sha.update(&buf[..n]);
+                self.writer.write_inline(&buf[..n])?;
+                self.stats.inline_bytes += n as u64;
+                off += n as u64;
+            }
+            Ok(None)
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &ImportStats {
+        &self.stats
+    }
+
+    /// Check that the tar is complete and its sha256 is `diff_id` (`sha256:<hex>`), then store
+    /// the layer splitstream and return its object id. Nothing is linked: a failed check
+    /// leaves only unreferenced objects behind.
+    ///
+    /// # Errors
+    /// Truncated tar, diff_id mismatch (the message names both digests), or I/O errors.
+    pub fn finish(self, diff_id: &str) -> anyhow::Result<ObjectId> {
+        check_digest(diff_id).with_context(|| format!("layer {diff_id}"))?;
+        self.tracker
+            .check_complete()
+            .with_context(|| format!("layer {diff_id}"))?;
+        let got = format!("sha256:{}", hex::encode(self.sha.finalize()));
+        ensure!(
+            got == diff_id,
+            "layer {diff_id}: the tar's sha256 is {got}; refusing to store it under that diff_id"
+        );
+        self.writer
+            .finish()
+            .with_context(|| format!("storing the splitstream of layer {diff_id}"))
+    }
+}
+
+/// `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase: safe to embed in a file name.
+fn check_digest(digest: &str) -> anyhow::Result<()> {
+    let ok = match digest.split_once(':') {
+        Some(("sha256", h)) => h.len() == 64,
+        Some(("sha512", h)) => h.len() == 128,
+        _ => false,
+    } && digest.split_once(':').is_some_and(|(_, h)| {
+        h.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    ensure!(ok, "{digest:?} is not a sha256:/sha512: digest");
+    Ok(())
+}
+
+/// Check that `data` has `digest`.
+fn verify_digest(data: &[u8], digest: &str, what: &str) -> anyhow::Result<()> {
+    check_digest(digest).with_context(|| what.to_owned())?;
+    let got = if digest.starts_with("sha256:") {
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+    } else {
+        format!("sha512:{}", hex::encode(sha2::Sha512::digest(data)))
+    };
+    ensure!(
+        got == digest,
+        "{what}: content has digest {got}, expected {digest}"
+    );
+    Ok(())
+}
+
+/// `streams/<name>` → the object, relative.
+fn stream_target(id: &ObjectId) -> String {
+    format!("../objects/{}", id.object_path())
+}
+
+/// Make layer stream `stream_id` visible as `streams/oci-layer-<diff_id>` (atomic).
+///
+/// # Errors
+/// Invalid diff_id, or I/O errors.
+pub fn publish_layer(repo: &Repository, diff_id: &str, stream_id: &ObjectId) -> anyhow::Result<()> {
+    check_digest(diff_id).with_context(|| format!("layer {diff_id}"))?;
+    let name = format!("oci-layer-{diff_id}");
+    repo.symlink(&format!("streams/{name}"), &stream_target(stream_id))
+        .with_context(|| format!("publishing layer {diff_id}"))
+}
+
+/// The tag's file name below `streams/refs/oci/`.
+fn encode_tag(tag: &str) -> String {
+    tag.replace('%', "%25").replace('/', "%2F")
+}
+
+/// What [`publish_image`] (or [`PreparedImage::publish`]) made visible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedImage {
+    /// `streams/oci-config-<digest>`.
+    pub config_stream: ObjectId,
+    /// `streams/oci-manifest-<digest>`.
+    pub manifest_stream: ObjectId,
+    /// The EROFS image of the repository's default format (`images/<hex>`), or `None` when it
+    /// could not be built (see `erofs_skipped`).
+    pub erofs_image: Option<ObjectId>,
+    /// Why there is no EROFS image, when there is none.
+    pub erofs_skipped: Option<String>,
+}
+
+/// An image whose objects are all stored but nothing is linked yet. Call
+/// [`Repository::sync`], then [`publish`](Self::publish), for a crash-safe import.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    manifest_digest: String,
+    config_digest: String,
+    layers: Vec<(String, ObjectId)>,
+    config_stream: ObjectId,
+    manifest_stream: ObjectId,
+    /// (EROFS format version, image id), default format first.
+    erofs_images: Vec<(u8, ObjectId)>,
+    erofs_skipped: Option<String>,
+}
+
+impl PreparedImage {
+    /// The config splitstream.
+    pub fn config_stream(&self) -> &ObjectId {
+        &self.config_stream
+    }
+
+    /// The manifest splitstream.
+    pub fn manifest_stream(&self) -> &ObjectId {
+        &self.manifest_stream
+    }
+
+    /// The default-format EROFS image, if built.
+    pub fn erofs_image(&self) -> Option<&ObjectId> {
+        self.erofs_images.first().map(|(_, id)| id)
+    }
+
+    /// Why no EROFS image was built.
+    pub fn erofs_skipped(&self) -> Option<&str> {
+        self.erofs_skipped.as_deref()
+    }
+
+    /// Link everything: `images/<hex>`, the layer, config and manifest streams, and the tag
+    /// `streams/refs/oci/<tag>` last. Each link is atomic; no sync.
+    ///
+    /// # Errors
+    /// Invalid tag, or I/O errors.
+    pub fn publish(&self, repo: &Repository, tag: Option<&str>) -> anyhow::Result<PublishedImage> {
+        let tag_name = tag
+            .map(|t| {
+                ensure!(
+                    !t.starts_with('@'),
+                    "tag {t:?}: a leading '@' is reserved for digests"
+                );
+                let enc = encode_tag(t);
+                check_link_name(&enc).with_context(|| format!("tag {t:?}"))?;
+                Ok(enc)
+            })
+            .transpose()?;
+        for (_, id) in &self.erofs_images {
+            repo.symlink(&format!("images/{id}"), &stream_target(id))
+                .with_context(|| format!("linking EROFS image {id}"))?;
+        }
+        for (diff_id, id) in &self.layers {
+            publish_layer(repo, diff_id, id)?;
+        }
+        let config_name = format!("oci-config-{}", self.config_digest);
+        repo.symlink(
+            &format!("streams/{config_name}"),
+            &stream_target(&self.config_stream),
+        )
+        .with_context(|| format!("publishing config {}", self.config_digest))?;
+        let manifest_name = format!("oci-manifest-{}", self.manifest_digest);
+        repo.symlink(
+            &format!("streams/{manifest_name}"),
+            &stream_target(&self.manifest_stream),
+        )
+        .with_context(|| format!("publishing manifest {}", self.manifest_digest))?;
+        if let Some(enc) = tag_name {
+            repo.symlink(
+                &format!("streams/refs/oci/{enc}"),
+                &format!("../../{manifest_name}"),
+            )
+            .with_context(|| format!("tagging {}", tag.unwrap_or_default()))?;
+        }
+        Ok(PublishedImage {
+            config_stream: self.config_stream.clone(),
+            manifest_stream: self.manifest_stream.clone(),
+            erofs_image: self.erofs_image().cloned(),
+            erofs_skipped: self.erofs_skipped.clone(),
+        })
+    }
+}
+
+/// Fields of the manifest and config that matter here.
+struct ImageJson {
+    config_digest_in_manifest: String,
+    is_image_config: bool,
+    diff_ids: Vec<String>,
+}
+
+fn parse_image_json(manifest: &[u8], config: &[u8]) -> anyhow::Result<ImageJson> {
+    let m: serde_json::Value = serde_json::from_slice(manifest).context("parsing the manifest")?;
+    let mconfig = m
+        .get("config")
+        .context("the manifest has no config descriptor")?;
+    let config_digest_in_manifest = mconfig
+        .get("digest")
+        .and_then(|d| d.as_str())
+        .context("the manifest's config descriptor has no digest")?
+        .to_owned();
+    let is_image_config =
+        mconfig.get("mediaType").and_then(|t| t.as_str()) == Some(OCI_IMAGE_CONFIG_MEDIA_TYPE);
+    let c: serde_json::Value = serde_json::from_slice(config).context("parsing the config")?;
+    let diff_ids = c
+        .get("rootfs")
+        .and_then(|r| r.get("diff_ids"))
+        .and_then(|d| d.as_array())
+        .context("the config has no rootfs.diff_ids")?
+        .iter()
+        .map(|d| {
+            d.as_str()
+                .map(str::to_owned)
+                .context("a diff_id is not a string")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(ImageJson {
+        config_digest_in_manifest,
+        is_image_config,
+        diff_ids,
+    })
+}
+
+/// Store everything an image needs besides its layers: the EROFS image(s) of the merged
+/// rootfs (feature `erofs`), the config and manifest objects and their splitstreams. Nothing
+/// is linked. `layers` are the layer streams by diff_id, in the config's `rootfs.diff_ids`
+/// order.
+///
+/// An EROFS image that cannot be built (composefs 0.9.4 needs `/usr` in the image and
+/// rejects pre-1970 PAX mtimes, among others) is not an error: the image is stored without
+/// it and [`PreparedImage::erofs_skipped`] says why.
+///
+/// # Errors
+/// Digest mismatches, `layers` disagreeing with the config, or I/O errors.
+pub fn prepare_image(
+    repo: &Repository,
+    manifest: &[u8],
+    manifest_digest: &str,
+    config: &[u8],
+    config_digest: &str,
+    layers: &[(String, ObjectId)],
+) -> anyhow::Result<PreparedImage> {
+    verify_digest(manifest, manifest_digest, "manifest")?;
+    verify_digest(config, config_digest, "config")?;
+    let json =
+        parse_image_json(manifest, config).with_context(|| format!("image {manifest_digest}"))?;
+    ensure!(
+        json.config_digest_in_manifest == config_digest,
+        "manifest {manifest_digest} names config {}, not {config_digest}",
+        json.config_digest_in_manifest
+    );
+    let given: Vec<&str> = layers.iter().map(|(d, _)| d.as_str()).collect();
+    let want: Vec<&str> = json.diff_ids.iter().map(String::as_str).collect();
+    ensure!(
+        given == want,
+        "image {manifest_digest}: layers {given:?} differ from the config's diff_ids {want:?}"
+    );
+    for (d, id) in layers {
+        check_digest(d).with_context(|| format!("layer {d}"))?;
+        ensure!(
+            id.alg() == repo.algorithm(),
+            "layer {d}: stream {id} is not a {} digest",
+            repo.algorithm().meta_name()
+        );
+    }
+
+    let (erofs_images, erofs_skipped) = if !json.is_image_config {
+        (
+            Vec::new(),
+            Some(
+                "the config media type is not an OCI image config; composefs treats this \
+                  as an artifact"
+                    .to_owned(),
+            ),
+        )
+    } else {
+        build_erofs(repo, layers)?
+    };
+
+    let config_obj = repo
+        .store_bytes(config)
+        .with_context(|| format!("storing config {config_digest}"))?;
+    let mut w = SplitStreamWriter::new(repo, CONFIG_CONTENT_TYPE)?;
+    for (diff_id, id) in layers {
+        w.add_named_ref(diff_id, id)?;
+    }
+    for (version, id) in &erofs_images {
+        match version {
+            2 => w.add_named_ref(IMAGE_REF_V2, id)?,
+            1 => w.add_named_ref(IMAGE_REF_V1, id)?,
+            _ => {}
+        }
+    }
+    w.write_external_sized(&config_obj, config.len() as u64)?;
+    let config_stream = w
+        .finish()
+        .with_context(|| format!("storing the config splitstream of {config_digest}"))?;
+
+    let manifest_obj = repo
+        .store_bytes(manifest)
+        .with_context(|| format!("storing manifest {manifest_digest}"))?;
+    let mut w = SplitStreamWriter::new(repo, MANIFEST_CONTENT_TYPE)?;
+    w.add_named_ref(&format!("config:{config_digest}"), &config_stream)?;
+    for (diff_id, id) in layers {
+        w.add_named_ref(diff_id, id)?;
+    }
+    w.write_external_sized(&manifest_obj, manifest.len() as u64)?;
+    let manifest_stream = w
+        .finish()
+        .with_context(|| format!("storing the manifest splitstream of {manifest_digest}"))?;
+
+    Ok(PreparedImage {
+        manifest_digest: manifest_digest.to_owned(),
+        config_digest: config_digest.to_owned(),
+        layers: layers.to_vec(),
+        config_stream,
+        manifest_stream,
+        erofs_images,
+        erofs_skipped,
+    })
+}
+
+/// Stored EROFS images (format version, id), default format first, or why there are none.
+type ErofsOutcome = (Vec<(u8, ObjectId)>, Option<String>);
+
+#[cfg(feature = "erofs")]
+fn build_erofs(repo: &Repository, layers: &[(String, ObjectId)]) -> anyhow::Result<ErofsOutcome> {
+    let streams: Vec<ObjectId> = layers.iter().map(|(_, id)| id.clone()).collect();
+    let versions = repo.erofs_formats().versions();
+    if let Some(v) = versions.iter().find(|v| !matches!(v, 1 | 2)) {
+        return Ok((
+            Vec::new(),
+            Some(format!(
+                "the repository asks for EROFS format {v}, which is not supported here"
+            )),
+        ));
+    }
+    match super::erofs::build_images(repo, &streams, &versions)? {
+        Ok(images) => {
+            let mut out = Vec::new();
+            for (version, bytes) in images {
+                let id = repo
+                    .store_bytes(&bytes)
+                    .with_context(|| format!("storing the EROFS image (format {version})"))?;
+                out.push((version, id));
+            }
+            Ok((out, None))
+        }
+        Err(reason) => Ok((Vec::new(), Some(reason))),
+    }
+}
+
+#[cfg(not(feature = "erofs"))]
+fn build_erofs(_repo: &Repository, _layers: &[(String, ObjectId)]) -> anyhow::Result<ErofsOutcome> {
+    Ok((
+        Vec::new(),
+        Some("built without the `erofs` feature".to_owned()),
+    ))
+}
+
+/// [`prepare_image`] then [`PreparedImage::publish`], without a sync between them: objects
+/// stored here become visible before they are known durable. Prefer the two-step form with
+/// [`Repository::sync`] in between when crash safety matters.
+///
+/// # Errors
+/// As [`prepare_image`] and [`PreparedImage::publish`].
+pub fn publish_image(
+    repo: &Repository,
+    manifest: &[u8],
+    manifest_digest: &str,
+    config: &[u8],
+    config_digest: &str,
+    layers: &[(String, ObjectId)],
+    tag: Option<&str>,
+) -> anyhow::Result<PublishedImage> {
+    prepare_image(
+        repo,
+        manifest,
+        manifest_digest,
+        config,
+        config_digest,
+        layers,
+    )?
+    .publish(repo, tag)
+}
