@@ -134,6 +134,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             verify_crc,
             inline_threshold,
         } => tar(&source, &layer, verify_crc, inline_threshold),
+        Cmd::Pull { source, repo, tag, hash, jobs, json, inline_threshold } => {
+            let opts = PullOptions { hash: hash.map(HashArg::alg), tag, jobs, inline_threshold, ..PullOptions::default() };
+            pull(&source, &repo, &opts, json)
+        }
         Cmd::Helper {
             socket_fd,
             store,
@@ -350,6 +354,7 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
             "configDigest": s.config_digest,
             "tag": s.tag,
             "erofsImage": s.erofs_image,
+            "erofsSkipped": s.erofs_skipped,
             "layers": s.layers.iter().map(|l| serde_json::json!({
                 "diffId": l.diff_id,
                 "status": match l.status { LayerStatus::Present => "present", LayerStatus::Imported => "imported" },
@@ -373,7 +378,7 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
         s.objects.copied,
         s.objects.reused,
         s.elapsed.as_secs_f64(),
-        if s.erofs_image.is_none() { " (no composefs image: see `repo::oci::publish_image`)" } else { "" }
+        s.erofs_skipped.as_ref().map(|r| format!(" (no composefs image: {r})")).unwrap_or_default()
     );
     Ok(())
 }

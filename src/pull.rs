@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 use crate::client::{LayerItem, Proxy, ProxyConfig};
 use crate::proto::rpc::{self, LayerInfo, LayerSelector};
 use crate::proto::source::ImageRef;
-use crate::repo::oci::{LayerImporter, publish_image, publish_layer};
+use crate::repo::oci::{ImportStats, LayerImporter, prepare_image, publish_layer};
 use crate::repo::{HashAlg, ObjectId, Repository};
 
 /// Receives progress reports; the CLI draws a bar from them. All methods default to nothing.
@@ -96,12 +96,33 @@ pub struct PullSummary {
     pub tag: String,
     /// Layers, base first.
     pub layers: Vec<LayerOutcome>,
-    /// The composefs EROFS image id, when one could be built (see `repo::oci::publish_image`).
+    /// The composefs EROFS image id, when one could be built (see `repo::oci::prepare_image`).
     pub erofs_image: Option<String>,
+    /// Why no EROFS image was built, when none was.
+    pub erofs_skipped: Option<String>,
     /// Objects by how they were stored.
-    pub objects: crate::repo::StoreCounts,
+    pub objects: ObjectCounts,
     /// Wall time.
     pub elapsed: Duration,
+}
+
+/// Objects of a pull by how they were stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ObjectCounts {
+    /// Created by reflink (no data copied).
+    pub reflinked: u64,
+    /// Created by copying (the filesystem cannot reflink from the source).
+    pub copied: u64,
+    /// Already in the repository.
+    pub reused: u64,
+}
+
+impl ObjectCounts {
+    fn add(&mut self, s: &ImportStats) {
+        self.reflinked += s.objects_reflinked;
+        self.copied += s.objects_copied;
+        self.reused += s.objects_present;
+    }
 }
 
 /// Most layers imported at once by default: each runs its own helper and one core of hashing.
@@ -152,9 +173,8 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
         .clamp(1, todo.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, anyhow::Result<(ObjectId, u64, u64)>)>> = Mutex::new(Vec::new());
-    let counts = Mutex::new(crate::repo::StoreCounts::default());
-    std::thread::scope(|s| {
-        let work = |proxy: &mut Proxy, handle: u64| loop {
+    let counts = Mutex::new(ObjectCounts::default());
+    let work = |proxy: &mut Proxy, handle: u64| loop {
             let k = next.fetch_add(1, Ordering::Relaxed);
             let Some(&index) = todo.get(k) else { break };
             let layer = &image.layers[index];
@@ -162,14 +182,16 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
                 .with_context(|| format!("layer {index} ({})", layer.diff_id));
             progress.layer_done(index);
             results.lock().unwrap_or_else(|e| e.into_inner()).push((index, r));
-        };
+    };
+    let (work, proxy_config, image_ref) = (&work, &proxy_config, &image);
+    std::thread::scope(|s| {
         for _ in 1..jobs {
-            s.spawn(|| {
+            s.spawn(move || {
                 // Each worker has its own helper, so layers stream independently.
-                let spawned = Proxy::spawn(&proxy_config).and_then(|mut p| {
+                let spawned = Proxy::spawn(proxy_config).and_then(|mut p| {
                     let img = p.open_image(&source.reference)?;
-                    if img.image_id != image.image_id {
-                        bail!("image {:?} changed during the pull ({} → {})", source.reference, image.image_id, img.image_id);
+                    if img.image_id != image_ref.image_id {
+                        bail!("image {:?} changed during the pull ({} → {})", source.reference, image_ref.image_id, img.image_id);
                     }
                     Ok((p, img.image))
                 });
@@ -183,7 +205,7 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
                 }
             });
         }
-        work(&mut proxy, image.image);
+        work(&mut proxy, image_ref.image);
     });
     let _ = proxy.shutdown();
 
@@ -202,38 +224,41 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
             }
         }
     }
-    // Durability point 1: every object of every verified layer is on disk before any link.
-    repo.sync()?;
-    for (index, layer) in image.layers.iter().enumerate() {
-        if outcomes[index].status == LayerStatus::Imported {
-            if let Some(id) = &streams[index] {
+    if let Some(e) = first_error {
+        // Verified layers are still worth keeping: make them durable, then visible.
+        repo.sync()?;
+        for (index, layer) in image.layers.iter().enumerate() {
+            if let (LayerStatus::Imported, Some(id)) = (&outcomes[index].status, &streams[index]) {
                 publish_layer(&repo, &layer.diff_id, id)?;
             }
         }
-    }
-    if let Some(e) = first_error {
         return Err(e.context(format!("pulling {source}; nothing was tagged")));
-    }
-    if streams.iter().any(Option::is_none) {
-        bail!("pulling {source}: a layer was neither present nor imported");
     }
     let layer_streams: Vec<(String, ObjectId)> = image
         .layers
         .iter()
         .zip(streams)
-        .map(|(l, s)| (l.diff_id.clone(), s.expect("checked above")))
-        .collect();
-    let published = publish_image(
+        .map(|(l, s)| s.map(|s| (l.diff_id.clone(), s)).ok_or_else(|| anyhow!("layer {} missing", l.diff_id)))
+        .collect::<anyhow::Result<_>>()?;
+    // Config, manifest and EROFS image become objects; nothing is linked yet.
+    let prepared = prepare_image(
         &repo,
         image.manifest.as_bytes(),
         &image.manifest_digest,
         image.config.as_bytes(),
         &image.config_digest,
         &layer_streams,
-        Some(&tag),
     )
-    .with_context(|| format!("publishing image {}", image.image_id))?;
-    // Durability point 2: config, manifest, EROFS image and the tag.
+    .with_context(|| format!("preparing image {}", image.image_id))?;
+    // Durability point 1: every object is on disk before any link names it.
+    repo.sync()?;
+    for (index, (diff_id, id)) in layer_streams.iter().enumerate() {
+        if outcomes[index].status == LayerStatus::Imported {
+            publish_layer(&repo, diff_id, id)?;
+        }
+    }
+    let published = prepared.publish(&repo, Some(&tag)).with_context(|| format!("publishing image {}", image.image_id))?;
+    // Durability point 2: the links, the tag last among them.
     repo.sync()?;
     Ok(PullSummary {
         image_id: image.image_id,
@@ -242,6 +267,7 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
         tag,
         layers: outcomes,
         erofs_image: published.erofs_image.map(|id| id.to_string()),
+        erofs_skipped: published.erofs_skipped,
         objects: counts.into_inner().unwrap_or_else(|e| e.into_inner()),
         elapsed: start.elapsed(),
     })
@@ -291,7 +317,7 @@ fn import_layer(
     layer: &LayerInfo,
     threshold: u64,
     progress: &dyn Progress,
-    counts: &Mutex<crate::repo::StoreCounts>,
+    counts: &Mutex<ObjectCounts>,
 ) -> anyhow::Result<(ObjectId, u64, u64)> {
     let mut stream = proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
     let mut importer = LayerImporter::new(repo)?;
@@ -312,7 +338,7 @@ fn import_layer(
         }
     }
     drop(stream);
-    let local = importer.counts();
+    let local = importer.stats().clone();
     let id = importer.finish(&layer.diff_id)?;
     counts.lock().unwrap_or_else(|e| e.into_inner()).add(&local);
     Ok((id, files, bytes))

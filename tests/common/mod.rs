@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod tools;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
@@ -11,6 +12,7 @@ use sha2::{Digest, Sha256};
 use splitfdstream::helper::LayerSink;
 use splitfdstream::helper::tarsplit::crc64_iso;
 
+#[allow(unused_imports)]
 pub use fixtures::{Fixtures, fixtures};
 
 /// Rebuilds the layer tar from a backend's output: hashes inline bytes and the full content of
