@@ -21,7 +21,15 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: pull SOURCE REPO");
     };
     let source: ImageRef = source.parse()?;
-    let summary = pull(&source, &PathBuf::from(repo), &PullOptions::default(), &NoProgress)?;
-    println!("{} → tag {:?}, composefs image {:?}", summary.image_id, summary.tag, summary.erofs_image);
+    let summary = pull(
+        &source,
+        &PathBuf::from(repo),
+        &PullOptions::default(),
+        &NoProgress,
+    )?;
+    println!(
+        "{} → tag {:?}, composefs image {:?}",
+        summary.image_id, summary.tag, summary.erofs_image
+    );
     Ok(())
 }

@@ -14,8 +14,8 @@ use sha2::{Digest, Sha256};
 
 use splitfdstream::client::{LayerItem, Proxy, ProxyConfig};
 use splitfdstream::helper::tarsplit::crc64_iso;
-use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::rpc::LayerInfo;
+use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
 use splitfdstream::pull::{LayerStatus, Progress, PullOptions};
 use splitfdstream::repo::HashAlg;
@@ -134,8 +134,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             verify_crc,
             inline_threshold,
         } => tar(&source, &layer, verify_crc, inline_threshold),
-        Cmd::Pull { source, repo, tag, hash, jobs, json, inline_threshold } => {
-            let opts = PullOptions { hash: hash.map(HashArg::alg), tag, jobs, inline_threshold, ..PullOptions::default() };
+        Cmd::Pull {
+            source,
+            repo,
+            tag,
+            hash,
+            jobs,
+            json,
+            inline_threshold,
+        } => {
+            let opts = PullOptions {
+                hash: hash.map(HashArg::alg),
+                tag,
+                jobs,
+                inline_threshold,
+                ..PullOptions::default()
+            };
             pull(&source, &repo, &opts, json)
         }
         Cmd::Helper {
@@ -277,12 +291,17 @@ struct Bar {
 
 impl Bar {
     fn draw(&self, force: bool) {
-        let Ok(mut last) = self.last.try_lock() else { return };
+        let Ok(mut last) = self.last.try_lock() else {
+            return;
+        };
         if !force && last.elapsed() < Duration::from_millis(100) {
             return;
         }
         *last = Instant::now();
-        let (b, t) = (self.bytes.load(Ordering::Relaxed), self.total_bytes.load(Ordering::Relaxed));
+        let (b, t) = (
+            self.bytes.load(Ordering::Relaxed),
+            self.total_bytes.load(Ordering::Relaxed),
+        );
         let pct = if t > 0 { b.saturating_mul(100) / t } else { 0 };
         eprint!(
             "\r\x1b[2Klayers {}/{}  {} / {} ({pct}%)  {} files",
@@ -320,7 +339,11 @@ fn human(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else { format!("{v:.1} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyhow::Result<()> {
@@ -343,7 +366,11 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
         eprint!("\r\x1b[2K");
     }
     let s = result?;
-    let imported = s.layers.iter().filter(|l| l.status == LayerStatus::Imported).count();
+    let imported = s
+        .layers
+        .iter()
+        .filter(|l| l.status == LayerStatus::Imported)
+        .count();
     let bytes: u64 = s.layers.iter().map(|l| l.bytes).sum();
     let files: u64 = s.layers.iter().map(|l| l.files).sum();
     if json {
@@ -378,7 +405,10 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
         s.objects.copied,
         s.objects.reused,
         s.elapsed.as_secs_f64(),
-        s.erofs_skipped.as_ref().map(|r| format!(" (no composefs image: {r})")).unwrap_or_default()
+        s.erofs_skipped
+            .as_ref()
+            .map(|r| format!(" (no composefs image: {r})"))
+            .unwrap_or_default()
     );
     Ok(())
 }

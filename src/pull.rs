@@ -133,7 +133,12 @@ const MAX_DEFAULT_JOBS: usize = 8;
 /// # Errors
 /// Names the layer at fault. Layers verified before the failure stay in the repository (they
 /// are complete and correct); nothing of a failed layer, and no tag, is published.
-pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &dyn Progress) -> anyhow::Result<PullSummary> {
+pub fn pull(
+    source: &ImageRef,
+    repo_path: &Path,
+    opts: &PullOptions,
+    progress: &dyn Progress,
+) -> anyhow::Result<PullSummary> {
     let start = Instant::now();
     let repo = Repository::open_or_create(repo_path, opts.hash)
         .with_context(|| format!("opening repository {}", repo_path.display()))?;
@@ -146,7 +151,10 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
     let image = proxy.open_image(&source.reference)?;
     check_image(&image)?;
     let tag = opts.tag.clone().unwrap_or_else(|| source.reference.clone());
-    anyhow::ensure!(!tag.is_empty(), "no tag given and the source has no reference to use as one");
+    anyhow::ensure!(
+        !tag.is_empty(),
+        "no tag given and the source has no reference to use as one"
+    );
 
     let mut outcomes: Vec<LayerOutcome> = Vec::with_capacity(image.layers.len());
     let mut streams: Vec<Option<ObjectId>> = Vec::with_capacity(image.layers.len());
@@ -158,7 +166,11 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
         }
         outcomes.push(LayerOutcome {
             diff_id: layer.diff_id.clone(),
-            status: if present.is_some() { LayerStatus::Present } else { LayerStatus::Imported },
+            status: if present.is_some() {
+                LayerStatus::Present
+            } else {
+                LayerStatus::Imported
+            },
             files: 0,
             bytes: 0,
         });
@@ -166,22 +178,33 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
     }
     progress.image(&image.layers, todo.len());
 
-    let threshold = opts.inline_threshold.unwrap_or(rpc::DEFAULT_INLINE_THRESHOLD);
+    let threshold = opts
+        .inline_threshold
+        .unwrap_or(rpc::DEFAULT_INLINE_THRESHOLD);
     let jobs = opts
         .jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(MAX_DEFAULT_JOBS))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_DEFAULT_JOBS)
+        })
         .clamp(1, todo.len().max(1));
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<(usize, anyhow::Result<(ObjectId, u64, u64)>)>> = Mutex::new(Vec::new());
     let counts = Mutex::new(ObjectCounts::default());
     let work = |proxy: &mut Proxy, handle: u64| loop {
-            let k = next.fetch_add(1, Ordering::Relaxed);
-            let Some(&index) = todo.get(k) else { break };
-            let layer = &image.layers[index];
-            let r = import_layer(&repo, proxy, handle, index, layer, threshold, progress, &counts)
-                .with_context(|| format!("layer {index} ({})", layer.diff_id));
-            progress.layer_done(index);
-            results.lock().unwrap_or_else(|e| e.into_inner()).push((index, r));
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        let Some(&index) = todo.get(k) else { break };
+        let layer = &image.layers[index];
+        let r = import_layer(
+            &repo, proxy, handle, index, layer, threshold, progress, &counts,
+        )
+        .with_context(|| format!("layer {index} ({})", layer.diff_id));
+        progress.layer_done(index);
+        results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((index, r));
     };
     let (work, proxy_config, image_ref) = (&work, &proxy_config, &image);
     std::thread::scope(|s| {
@@ -191,7 +214,12 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
                 let spawned = Proxy::spawn(proxy_config).and_then(|mut p| {
                     let img = p.open_image(&source.reference)?;
                     if img.image_id != image_ref.image_id {
-                        bail!("image {:?} changed during the pull ({} → {})", source.reference, image_ref.image_id, img.image_id);
+                        bail!(
+                            "image {:?} changed during the pull ({} → {})",
+                            source.reference,
+                            image_ref.image_id,
+                            img.image_id
+                        );
                     }
                     Ok((p, img.image))
                 });
@@ -238,7 +266,10 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
         .layers
         .iter()
         .zip(streams)
-        .map(|(l, s)| s.map(|s| (l.diff_id.clone(), s)).ok_or_else(|| anyhow!("layer {} missing", l.diff_id)))
+        .map(|(l, s)| {
+            s.map(|s| (l.diff_id.clone(), s))
+                .ok_or_else(|| anyhow!("layer {} missing", l.diff_id))
+        })
         .collect::<anyhow::Result<_>>()?;
     // Config, manifest and EROFS image become objects; nothing is linked yet.
     let prepared = prepare_image(
@@ -257,7 +288,9 @@ pub fn pull(source: &ImageRef, repo_path: &Path, opts: &PullOptions, progress: &
             publish_layer(&repo, diff_id, id)?;
         }
     }
-    let published = prepared.publish(&repo, Some(&tag)).with_context(|| format!("publishing image {}", image.image_id))?;
+    let published = prepared
+        .publish(&repo, Some(&tag))
+        .with_context(|| format!("publishing image {}", image.image_id))?;
     // Durability point 2: the links, the tag last among them.
     repo.sync()?;
     Ok(PullSummary {
@@ -283,12 +316,21 @@ fn eprintln_worker_failure(e: &anyhow::Error) {
 fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
     let sha = |b: &[u8]| format!("sha256:{}", hex::encode(Sha256::digest(b)));
     if sha(image.config.as_bytes()) != image.config_digest {
-        bail!("image {}: config does not hash to {}", image.image_id, image.config_digest);
+        bail!(
+            "image {}: config does not hash to {}",
+            image.image_id,
+            image.config_digest
+        );
     }
     if sha(image.manifest.as_bytes()) != image.manifest_digest {
-        bail!("image {}: manifest does not hash to {}", image.image_id, image.manifest_digest);
+        bail!(
+            "image {}: manifest does not hash to {}",
+            image.image_id,
+            image.manifest_digest
+        );
     }
-    let config: serde_json::Value = serde_json::from_str(&image.config).context("parsing image config")?;
+    let config: serde_json::Value =
+        serde_json::from_str(&image.config).context("parsing image config")?;
     let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
         .as_array()
         .ok_or_else(|| anyhow!("image {}: config has no rootfs.diff_ids", image.image_id))?
@@ -297,12 +339,23 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
         .collect();
     let served: Vec<&str> = image.layers.iter().map(|l| l.diff_id.as_str()).collect();
     if diff_ids != served {
-        bail!("image {}: config lists diff_ids {diff_ids:?}, the store has {served:?}", image.image_id);
+        bail!(
+            "image {}: config lists diff_ids {diff_ids:?}, the store has {served:?}",
+            image.image_id
+        );
     }
     for l in &image.layers {
         let hex = l.diff_id.strip_prefix("sha256:").unwrap_or_default();
-        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            bail!("image {}: layer diff_id {:?} is not a sha256 digest", image.image_id, l.diff_id);
+        if hex.len() != 64
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            bail!(
+                "image {}: layer diff_id {:?} is not a sha256 digest",
+                image.image_id,
+                l.diff_id
+            );
         }
     }
     Ok(())
@@ -319,7 +372,8 @@ fn import_layer(
     progress: &dyn Progress,
     counts: &Mutex<ObjectCounts>,
 ) -> anyhow::Result<(ObjectId, u64, u64)> {
-    let mut stream = proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
+    let mut stream =
+        proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
     let mut importer = LayerImporter::new(repo)?;
     let (mut files, mut bytes) = (0u64, 0u64);
     while let Some(item) = stream.next_item()? {

@@ -30,7 +30,11 @@ fn run(args: &[&str]) -> Run {
 }
 
 fn run_cmd(cmd: &mut Command) -> Run {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
     let err_thread = std::thread::spawn(move || {
@@ -62,7 +66,12 @@ fn run_cmd(cmd: &mut Command) -> Run {
     }
     let status = child.wait().unwrap();
     let _ = guard.join();
-    Run { ok: status.success(), stdout_sha: format!("sha256:{}", hex::encode(sha.finalize())), stdout_len: len, stderr: err_thread.join().unwrap() }
+    Run {
+        ok: status.success(),
+        stdout_sha: format!("sha256:{}", hex::encode(sha.finalize())),
+        stdout_len: len,
+        stderr: err_thread.join().unwrap(),
+    }
 }
 
 #[test]
@@ -74,11 +83,20 @@ fn every_layer_of_every_fixture_from_containers_storage() {
             let r = run(&["tar", &source, "--layer", &i.to_string(), "--verify-crc"]);
             assert!(r.ok, "{} layer {i}: {}", image.name, r.stderr);
             assert_eq!(&r.stdout_sha, diff_id, "{} layer {i}", image.name);
-            assert_eq!(r.stdout_len, image.layer_sizes[i], "{} layer {i}", image.name);
+            assert_eq!(
+                r.stdout_len, image.layer_sizes[i],
+                "{} layer {i}",
+                image.name
+            );
         }
         // By diff_id too.
         let r = run(&["tar", &source, "--layer", &image.diff_ids[0]]);
-        assert!(r.ok && r.stdout_sha == image.diff_ids[0], "{}: {}", image.name, r.stderr);
+        assert!(
+            r.ok && r.stdout_sha == image.diff_ids[0],
+            "{}: {}",
+            image.name,
+            r.stderr
+        );
     }
 }
 
@@ -100,13 +118,26 @@ fn inspect_lists_layers_as_json() {
     let Some(f) = fixtures() else { return };
     let image = f.image("basic");
     let out = Command::new(BIN)
-        .args(["inspect", &format!("{}{}", f.store_arg(), image.reference), "--json"])
+        .args([
+            "inspect",
+            &format!("{}{}", f.store_arg(), image.reference),
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["imageId"], image.id.as_str());
-    let diff_ids: Vec<&str> = v["layers"].as_array().unwrap().iter().map(|l| l["diffId"].as_str().unwrap()).collect();
+    let diff_ids: Vec<&str> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["diffId"].as_str().unwrap())
+        .collect();
     assert_eq!(diff_ids, image.diff_ids);
 }
 
@@ -118,14 +149,29 @@ fn hostile_stores_fail_clearly() {
     // (what, how to damage the copy, text the error must contain)
     type Damage = fn(&std::path::Path);
     let cases: [(&str, Damage, &str); 3] = [
-        ("symlink", |p| {
-            std::fs::remove_file(p).unwrap();
-            symlink("/etc/passwd", p).unwrap();
-        }, "new-65"),
-        ("fifo", |p| {
-            std::fs::remove_file(p).unwrap();
-            rustix::fs::mknodat(rustix::fs::CWD, p, rustix::fs::FileType::Fifo, rustix::fs::Mode::from_raw_mode(0o644), 0).unwrap();
-        }, "new-65"),
+        (
+            "symlink",
+            |p| {
+                std::fs::remove_file(p).unwrap();
+                symlink("/etc/passwd", p).unwrap();
+            },
+            "new-65",
+        ),
+        (
+            "fifo",
+            |p| {
+                std::fs::remove_file(p).unwrap();
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    p,
+                    rustix::fs::FileType::Fifo,
+                    rustix::fs::Mode::from_raw_mode(0o644),
+                    0,
+                )
+                .unwrap();
+            },
+            "new-65",
+        ),
         ("size", |p| std::fs::write(p, b"short").unwrap(), "new-65"),
     ];
     let _ = top;
@@ -135,18 +181,42 @@ fn hostile_stores_fail_clearly() {
             panic!("basic has no body over 64 bytes to damage");
         };
         damage(&victim);
-        let store = format!("containers-storage:[overlay@{}+{}]", private.graphroot.display(), private.runroot.display());
-        let layer = image.layer_ids.iter().position(|id| victim.starts_with(private.diff_dir(id))).unwrap();
-        let r = run(&["tar", &format!("{store}{}", image.reference), "--layer", &layer.to_string()]);
+        let store = format!(
+            "containers-storage:[overlay@{}+{}]",
+            private.graphroot.display(),
+            private.runroot.display()
+        );
+        let layer = image
+            .layer_ids
+            .iter()
+            .position(|id| victim.starts_with(private.diff_dir(id)))
+            .unwrap();
+        let r = run(&[
+            "tar",
+            &format!("{store}{}", image.reference),
+            "--layer",
+            &layer.to_string(),
+        ]);
         assert!(!r.ok, "{what}: damaged layer streamed");
         let name = victim.file_name().unwrap().to_string_lossy().into_owned();
-        assert!(r.stderr.contains(&name) || r.stderr.contains(needle), "{what}: {}", r.stderr);
-        assert!(r.stderr.contains(&image.diff_ids[layer]) || r.stderr.contains(&image.layer_ids[layer]), "{what}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&name) || r.stderr.contains(needle),
+            "{what}: {}",
+            r.stderr
+        );
+        assert!(
+            r.stderr.contains(&image.diff_ids[layer]) || r.stderr.contains(&image.layer_ids[layer]),
+            "{what}: {}",
+            r.stderr
+        );
     }
 }
 
 /// A regular file of more than 64 bytes in one of the image's diff dirs (so it travels as an fd).
-fn find_body_over_64(private: &common::fixtures::PrivateStore, image: &common::fixtures::FixtureImage) -> Option<std::path::PathBuf> {
+fn find_body_over_64(
+    private: &common::fixtures::PrivateStore,
+    image: &common::fixtures::FixtureImage,
+) -> Option<std::path::PathBuf> {
     for id in image.layer_ids.iter().rev() {
         let mut stack = vec![private.diff_dir(id)];
         while let Some(dir) = stack.pop() {
@@ -155,7 +225,11 @@ fn find_body_over_64(private: &common::fixtures::PrivateStore, image: &common::f
                 let md = std::fs::symlink_metadata(e.path()).ok()?;
                 if md.is_dir() {
                     stack.push(e.path());
-                } else if md.is_file() && md.len() > 64 && md.len() < 1 << 20 && !e.file_name().to_string_lossy().starts_with(".wh.") {
+                } else if md.is_file()
+                    && md.len() > 64
+                    && md.len() < 1 << 20
+                    && !e.file_name().to_string_lossy().starts_with(".wh.")
+                {
                     use std::os::unix::fs::MetadataExt;
                     if md.nlink() == 1 {
                         return Some(e.path());
@@ -170,13 +244,23 @@ fn find_body_over_64(private: &common::fixtures::PrivateStore, image: &common::f
 #[test]
 fn bad_references_fail_clearly() {
     let Some(f) = fixtures() else { return };
-    let r = run(&["tar", &format!("{}localhost/does-not-exist:latest", f.store_arg()), "--layer", "0"]);
+    let r = run(&[
+        "tar",
+        &format!("{}localhost/does-not-exist:latest", f.store_arg()),
+        "--layer",
+        "0",
+    ]);
     assert!(!r.ok && r.stderr.contains("does-not-exist"), "{}", r.stderr);
     let basic = f.image("basic");
     let source = format!("{}{}", f.store_arg(), basic.reference);
     let r = run(&["tar", &source, "--layer", "99"]);
     assert!(!r.ok && r.stderr.contains("99"), "{}", r.stderr);
-    let r = run(&["tar", &source, "--layer", "sha256:0000000000000000000000000000000000000000000000000000000000000000"]);
+    let r = run(&[
+        "tar",
+        &source,
+        "--layer",
+        "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+    ]);
     assert!(!r.ok && r.stderr.contains("no layer"), "{}", r.stderr);
     // A layer id that walks out of the store, planted in a private copy's images.json.
     let private = f.private_store(&["basic"]);
@@ -184,16 +268,34 @@ fn bad_references_fail_clearly() {
     let text = std::fs::read_to_string(&images_json).unwrap();
     let top = basic.layer_ids.last().unwrap();
     std::fs::write(&images_json, text.replace(top.as_str(), "../../../../etc")).unwrap();
-    let store = format!("containers-storage:[overlay@{}+{}]", private.graphroot.display(), private.runroot.display());
-    let r = run(&["tar", &format!("{store}{}", basic.reference), "--layer", "0"]);
-    assert!(!r.ok && r.stderr.contains("../../../../etc"), "{}", r.stderr);
+    let store = format!(
+        "containers-storage:[overlay@{}+{}]",
+        private.graphroot.display(),
+        private.runroot.display()
+    );
+    let r = run(&[
+        "tar",
+        &format!("{store}{}", basic.reference),
+        "--layer",
+        "0",
+    ]);
+    assert!(
+        !r.ok && r.stderr.contains("../../../../etc"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
 fn helper_killed_mid_layer_is_an_incomplete_layer() {
     let Some(f) = fixtures() else { return };
     let big = f.image("big");
-    let (layer, _) = big.layer_sizes.iter().enumerate().max_by_key(|(_, s)| **s).unwrap();
+    let (layer, _) = big
+        .layer_sizes
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| **s)
+        .unwrap();
     let source = format!("{}{}", f.store_arg(), big.reference);
     let mut child = Command::new(BIN)
         .args(["tar", &source, "--layer", &layer.to_string()])
@@ -206,13 +308,21 @@ fn helper_killed_mid_layer_is_an_incomplete_layer() {
     let mut buf = vec![0u8; 64 << 10];
     stdout.read_exact(&mut buf).unwrap();
     let helper = loop {
-        let children = std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id())).unwrap();
+        let children =
+            std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
+                .unwrap();
         if let Some(pid) = children.split_whitespace().next() {
             break pid.to_owned();
         }
         std::thread::sleep(Duration::from_millis(10));
     };
-    assert!(Command::new("kill").args(["-9", &helper]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-9", &helper])
+            .status()
+            .unwrap()
+            .success()
+    );
     let killed = Instant::now();
     let drain = std::thread::spawn(move || {
         let mut sink = Vec::new();
@@ -222,9 +332,20 @@ fn helper_killed_mid_layer_is_an_incomplete_layer() {
     let took = killed.elapsed();
     drain.join().unwrap();
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(!status.success(), "a killed helper's layer was reported as success");
-    assert!(stderr.contains("signal: 9") && stderr.contains("incomplete"), "{stderr}");
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "a killed helper's layer was reported as success"
+    );
+    assert!(
+        stderr.contains("signal: 9") && stderr.contains("incomplete"),
+        "{stderr}"
+    );
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 
@@ -232,7 +353,12 @@ fn helper_killed_mid_layer_is_an_incomplete_layer() {
 fn twenty_thousand_files_under_ulimit_64() {
     let Some(f) = fixtures() else { return };
     let many = f.image("many");
-    let (layer, _) = many.layer_sizes.iter().enumerate().max_by_key(|(_, s)| **s).unwrap();
+    let (layer, _) = many
+        .layer_sizes
+        .iter()
+        .enumerate()
+        .max_by_key(|(_, s)| **s)
+        .unwrap();
     let source = format!("{}{}", f.store_arg(), many.reference);
     // Both sides: the helper inherits the CLI's limit.
     let r = run_cmd(Command::new("sh").args([

@@ -9,12 +9,19 @@ const FILES: usize = 100_000;
 const LIMIT_KIB: u64 = 32 * 1024;
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 #[test]
 fn tar_of_100k_tiny_files_stays_small() {
-    if !rustix::process::geteuid().is_root() || !have("buildah") || !Path::new("/usr/bin/time").exists() {
+    if !rustix::process::geteuid().is_root()
+        || !have("buildah")
+        || !Path::new("/usr/bin/time").exists()
+    {
         println!("SKIP: needs root, buildah and /usr/bin/time");
         return;
     }
@@ -46,18 +53,42 @@ $b rm "$c" >/dev/null
         assert!(st.success(), "building the 100k-file image");
         std::fs::write(dir.join("built"), b"").unwrap();
     }
-    let source = format!("containers-storage:[overlay@{}+{}]localhost/many100k", graph.display(), run.display());
+    let source = format!(
+        "containers-storage:[overlay@{}+{}]localhost/many100k",
+        graph.display(),
+        run.display()
+    );
     let rss_file = dir.join("rss");
     let out = Command::new("/usr/bin/time")
         .args(["-f", "%M", "-o"])
         .arg(&rss_file)
-        .args([env!("CARGO_BIN_EXE_splitfdstream"), "tar", &source, "--layer", "0"])
+        .args([
+            env!("CARGO_BIN_EXE_splitfdstream"),
+            "tar",
+            &source,
+            "--layer",
+            "0",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let kib: u64 = std::fs::read_to_string(&rss_file).unwrap().trim().lines().last().unwrap().parse().unwrap();
-    println!("peak RSS of `splitfdstream tar` on {FILES} files: {:.1} MiB", kib as f64 / 1024.0);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kib: u64 = std::fs::read_to_string(&rss_file)
+        .unwrap()
+        .trim()
+        .lines()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
+    println!(
+        "peak RSS of `splitfdstream tar` on {FILES} files: {:.1} MiB",
+        kib as f64 / 1024.0
+    );
     assert!(kib < LIMIT_KIB, "peak RSS {kib} KiB ≥ {LIMIT_KIB} KiB");
 }

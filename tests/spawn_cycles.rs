@@ -23,9 +23,13 @@ fn children() -> Vec<String> {
 
 #[test]
 fn two_hundred_spawn_drop_cycles_leak_nothing() {
-    let store = Store::OciLayout { dir: concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello-oci").into() };
-    let config =
-        ProxyConfig { helper_exe: Some(env!("CARGO_BIN_EXE_splitfdstream").into()), ..ProxyConfig::new(store) };
+    let store = Store::OciLayout {
+        dir: concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello-oci").into(),
+    };
+    let config = ProxyConfig {
+        helper_exe: Some(env!("CARGO_BIN_EXE_splitfdstream").into()),
+        ..ProxyConfig::new(store)
+    };
     // Warm up once so lazily-opened process-wide fds (if any) exist before the baseline.
     drop(Proxy::spawn(&config).unwrap());
     let before = open_fds();
@@ -34,7 +38,11 @@ fn two_hundred_spawn_drop_cycles_leak_nothing() {
         // Half the cycles do real work and drop mid-session; half shut down cleanly.
         if i % 2 == 0 {
             let image = proxy.open_image("hello").unwrap();
-            let stream = proxy.get_layer(image.image, splitfdstream::proto::rpc::LayerSelector::Index(0), None);
+            let stream = proxy.get_layer(
+                image.image,
+                splitfdstream::proto::rpc::LayerSelector::Index(0),
+                None,
+            );
             drop(stream);
             drop(proxy);
         } else {

@@ -130,13 +130,17 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match (a.as_str(), it.next()) {
-            ("--socket-fd", Some(n)) => ensure!(n == "0", "only --socket-fd 0 (stdin) is supported here"),
+            ("--socket-fd", Some(n)) => {
+                ensure!(n == "0", "only --socket-fd 0 (stdin) is supported here")
+            }
             ("--store", Some(s)) => store = Some(Store::parse_arg(s)?),
             ("--parent-pid", Some(p)) => parent = Some(p.parse::<i32>()?),
             (other, _) => bail!("unexpected helper argument {other:?}"),
         }
     }
-    let Some(store) = store else { bail!("helper needs --store") };
+    let Some(store) = store else {
+        bail!("helper needs --store")
+    };
     // A backstop only: the client kills and reaps its helper itself.
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
     if let Some(pid) = parent {

@@ -16,8 +16,11 @@ pub fn cfsctl() -> Option<PathBuf> {
     if default.exists() {
         return Some(default.to_owned());
     }
-    std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("cfsctl")).find(|p| p.exists()))
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("cfsctl"))
+            .find(|p| p.exists())
+    })
 }
 
 /// Run `cmd`, which must succeed; its stdout.
@@ -60,11 +63,18 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
     let mut inodes: BTreeMap<(u64, u64), String> = BTreeMap::new();
     let mut stack = vec![root.to_owned()];
     while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut entries: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         entries.sort();
         for path in entries {
             let md = std::fs::symlink_metadata(&path).unwrap();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
             let ft = md.file_type();
             let (kind, data) = if ft.is_dir() {
                 stack.push(path.clone());
@@ -73,7 +83,13 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                 let content = std::fs::read(&path).unwrap();
                 ('f', hex::encode(Sha256::digest(&content)))
             } else if ft.is_symlink() {
-                ('l', std::fs::read_link(&path).unwrap().to_string_lossy().into_owned())
+                (
+                    'l',
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned(),
+                )
             } else if ft.is_char_device() {
                 ('c', md.rdev().to_string())
             } else if ft.is_block_device() {
@@ -84,11 +100,24 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                 ('s', String::new())
             };
             let link_group = if kind != 'd' && md.nlink() > 1 {
-                inodes.entry((md.dev(), md.ino())).or_insert_with(|| rel.clone()).clone()
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone()
             } else {
                 rel.clone()
             };
-            out.insert(rel, Node { kind, mode: md.mode() & 0o7777, uid: md.uid(), gid: md.gid(), data, link_group });
+            out.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    data,
+                    link_group,
+                },
+            );
         }
     }
     out

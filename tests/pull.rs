@@ -1,0 +1,448 @@
+//! `splitfdstream pull` end to end, checked with the real `cfsctl` 0.9.4 and podman.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::fixtures;
+use common::tools::{Unmount, cfs, cfsctl, run, snapshot};
+
+const BIN: &str = env!("CARGO_BIN_EXE_splitfdstream");
+
+/// A fresh repository path on the fixtures' filesystem (XFS with reflink where the fixtures are).
+fn repo_dir(f: &common::Fixtures, what: &str) -> (tempfile::TempDir, PathBuf) {
+    let base = f.out.join("repos");
+    std::fs::create_dir_all(&base).unwrap();
+    let t = tempfile::Builder::new()
+        .prefix(what)
+        .tempdir_in(&base)
+        .unwrap();
+    let repo = t.path().join("repo");
+    (t, repo)
+}
+
+/// `splitfdstream pull SOURCE --repo REPO --tag TAG --json`: the parsed summary, or the stderr.
+fn pull(source: &str, repo: &Path, tag: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(BIN)
+        .args(["pull", source, "--repo"])
+        .arg(repo)
+        .args(["--tag", tag, "--json"])
+        .args(extra)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout))))
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+fn fsck_ok(cfsctl: &Path, repo: &Path) {
+    cfs(cfsctl, repo, &["fsck"]);
+    cfs(cfsctl, repo, &["oci", "fsck"]);
+}
+
+fn tools() -> Option<(&'static common::Fixtures, PathBuf)> {
+    let f = fixtures()?;
+    let Some(c) = cfsctl() else {
+        println!("SKIP: cfsctl not found (set CFSCTL or install composefs-ctl 0.9.4)");
+        return None;
+    };
+    Some((f, c))
+}
+
+#[test]
+fn every_fixture_pulls_and_cfsctl_agrees() {
+    let Some((f, cfsctl)) = tools() else { return };
+    for image in &f.images {
+        let (_t, repo) = repo_dir(f, &image.name);
+        let source = format!("{}{}", f.store_arg(), image.reference);
+        let summary = pull(&source, &repo, &image.name, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", image.name));
+        assert_eq!(summary["imageId"], image.id.as_str());
+        fsck_ok(&cfsctl, &repo);
+        let listed = cfs(&cfsctl, &repo, &["oci", "images"]);
+        assert!(listed.contains(&image.name), "{}: {listed}", image.name);
+        for diff_id in &image.diff_ids {
+            assert!(
+                repo.join("streams")
+                    .join(format!("oci-layer-{diff_id}"))
+                    .exists()
+            );
+        }
+        match summary["erofsImage"].as_str() {
+            Some(id) => {
+                let computed = cfs(&cfsctl, &repo, &["oci", "compute-id", &image.name]);
+                assert_eq!(computed.trim(), id, "{}", image.name);
+                assert!(repo.join("images").join(id).exists());
+            }
+            // Only images composefs 0.9.4 cannot represent may lack the EROFS image.
+            None => assert_eq!(
+                image.name, "old",
+                "{}: {}",
+                image.name, summary["erofsSkipped"]
+            ),
+        }
+        // A second pull reads nothing: every layer is present.
+        let again = pull(&source, &repo, &image.name, &[]).unwrap();
+        assert!(
+            again["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["status"] == "present"),
+            "{again}"
+        );
+        assert_eq!(again["erofsImage"], summary["erofsImage"]);
+    }
+}
+
+#[test]
+fn objects_are_reflinked_on_xfs_and_identical_to_cfsctls_own_pull() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("basic");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let (_t, repo) = repo_dir(f, "ours");
+    let summary = pull(&source, &repo, "basic", &[]).unwrap();
+    let fs_type = run(Command::new("stat").args(["-f", "-c", "%T"]).arg(&f.out));
+    if fs_type.trim() == "xfs" {
+        assert!(
+            summary["objects"]["reflinked"].as_u64().unwrap() > 0,
+            "{summary}"
+        );
+        assert_eq!(summary["objects"]["copied"], 0, "{summary}");
+    }
+    // cfsctl's own pull of the same image into a sha512 repository like ours; where the
+    // filesystem has no fs-verity, cfsctl needs `init --insecure`, as our repository is then.
+    let (_t2, theirs) = repo_dir(f, "theirs");
+    let cfs_pull = |extra: &[&str]| {
+        let _ = std::fs::remove_dir_all(&theirs);
+        run(Command::new(&cfsctl)
+            .arg("--repo")
+            .arg(&theirs)
+            .arg("init")
+            .args(extra));
+        Command::new(&cfsctl)
+            .arg("--repo")
+            .arg(&theirs)
+            .args(["oci", "pull", "--local-fetch", "auto", &source, "basic"])
+            .output()
+            .unwrap()
+    };
+    let out = cfs_pull(&[]);
+    if !out.status.success() {
+        let out = cfs_pull(&["--insecure"]);
+        assert!(
+            out.status.success(),
+            "cfsctl oci pull: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let ours_id = cfs(&cfsctl, &repo, &["oci", "compute-id", "basic"]);
+    let theirs_id = cfs(&cfsctl, &theirs, &["oci", "compute-id", "basic"]);
+    assert_eq!(
+        ours_id, theirs_id,
+        "composefs image ids differ from cfsctl's own pull"
+    );
+    for diff_id in &image.diff_ids {
+        let link = |r: &Path| {
+            std::fs::read_link(r.join("streams").join(format!("oci-layer-{diff_id}"))).unwrap()
+        };
+        assert_eq!(
+            link(&repo),
+            link(&theirs),
+            "layer stream {diff_id} differs from cfsctl's"
+        );
+    }
+}
+
+#[test]
+fn mounted_images_match_podman() {
+    let Some((f, cfsctl)) = tools() else { return };
+    for name in ["basic", "odd", "many"] {
+        let image = f.image(name);
+        // podman mounts in a private copy, so no other test sees overlay mounts come and go.
+        let private = f.private_store(&[name]);
+        let store = format!(
+            "containers-storage:[overlay@{}+{}]",
+            private.graphroot.display(),
+            private.runroot.display()
+        );
+        let (_t, repo) = repo_dir(f, name);
+        let summary = pull(&format!("{store}{}", image.reference), &repo, name, &[]).unwrap();
+        assert!(summary["erofsImage"].is_string(), "{name}: {summary}");
+        let ours = repo.parent().unwrap().join("mnt");
+        std::fs::create_dir_all(&ours).unwrap();
+        let out = Command::new(&cfsctl)
+            .arg("--repo")
+            .arg(&repo)
+            .args(["oci", "mount", "--fuse", "no", name])
+            .arg(&ours)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Operation not supported") || err.contains("No such device") {
+                println!("SKIP: the kernel cannot mount composefs: {err}");
+                return;
+            }
+            panic!("cfsctl oci mount {name}: {err}");
+        }
+        let _u = Unmount(ours.clone());
+        let podman_mnt =
+            String::from_utf8(private.podman(&["image", "mount", &image.reference]).stdout)
+                .unwrap();
+        let podman_mnt = PathBuf::from(podman_mnt.trim());
+        let a = snapshot(&ours);
+        let b = snapshot(&podman_mnt);
+        private.podman(&["image", "unmount", &image.reference]);
+        // composefs's OCI transform empties /run's content; compare everything else exactly.
+        let strip = |m: std::collections::BTreeMap<String, common::tools::Node>| {
+            m.into_iter()
+                .filter(|(k, _)| !k.starts_with("run/"))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let (a, b) = (strip(a), strip(b));
+        let only_ours: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+        let only_podman: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+        assert!(
+            only_ours.is_empty() && only_podman.is_empty(),
+            "{name}: only ours {only_ours:?}, only podman {only_podman:?}"
+        );
+        for (k, v) in &a {
+            assert_eq!(v, &b[k], "{name}: {k}");
+        }
+    }
+}
+
+#[test]
+fn poisoned_layer_is_named_and_never_published() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("basic");
+    let private = f.private_store(&["basic"]);
+    // Same size, other bytes: only the diff_id check can notice.
+    let victim = find_file(&private.diff_dir(&image.layer_ids[0]), 4096)
+        .expect("a file of 4096+ bytes in layer 0");
+    let mut content = std::fs::read(&victim).unwrap();
+    content[100] ^= 0xff;
+    std::fs::write(&victim, &content).unwrap();
+    let store = format!(
+        "containers-storage:[overlay@{}+{}]",
+        private.graphroot.display(),
+        private.runroot.display()
+    );
+    let (_t, repo) = repo_dir(f, "poisoned");
+    let err = pull(
+        &format!("{store}{}", image.reference),
+        &repo,
+        "poisoned",
+        &[],
+    )
+    .expect_err("poisoned layer pulled");
+    assert!(err.contains(&image.diff_ids[0]), "{err}");
+    assert!(
+        !repo
+            .join("streams")
+            .join(format!("oci-layer-{}", image.diff_ids[0]))
+            .exists()
+    );
+    assert!(
+        !repo.join("streams/refs/oci/poisoned").exists(),
+        "tagged despite the failure"
+    );
+    fsck_ok(&cfsctl, &repo);
+    // The intact store still pulls into the same repository.
+    pull(
+        &format!("{}{}", f.store_arg(), image.reference),
+        &repo,
+        "basic",
+        &[],
+    )
+    .unwrap();
+    fsck_ok(&cfsctl, &repo);
+    assert!(cfs(&cfsctl, &repo, &["oci", "images"]).contains("basic"));
+
+    // A recorded diff_id that the content does not have (layers.json forged): refused by name.
+    let private = f.private_store(&["basic"]);
+    let layers_json = private.graphroot.join("overlay-layers/layers.json");
+    let text = std::fs::read_to_string(&layers_json).unwrap();
+    let forged = "sha256:".to_owned() + &"e".repeat(64);
+    std::fs::write(&layers_json, text.replace(&image.diff_ids[1], &forged)).unwrap();
+    let store = format!(
+        "containers-storage:[overlay@{}+{}]",
+        private.graphroot.display(),
+        private.runroot.display()
+    );
+    let (_t2, repo2) = repo_dir(f, "forged");
+    let err = pull(
+        &format!("{store}{}", image.reference),
+        &repo2,
+        "forged",
+        &[],
+    )
+    .expect_err("forged diff_id pulled");
+    assert!(
+        err.contains(&image.diff_ids[1]) || err.contains(&forged),
+        "{err}"
+    );
+    assert!(
+        !repo2
+            .join("streams")
+            .join(format!("oci-layer-{forged}"))
+            .exists()
+    );
+}
+
+fn find_file(dir: &Path, min: u64) -> Option<PathBuf> {
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).ok()? {
+            let p = e.ok()?.path();
+            let md = std::fs::symlink_metadata(&p).ok()?;
+            if md.is_dir() {
+                stack.push(p);
+            } else if md.is_file() && md.len() >= min && md.len() < 1 << 20 {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn sigkill_mid_pull_then_rerun() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("big");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let (_t, repo) = repo_dir(f, "killed");
+    for delay_ms in [20u64, 150] {
+        let mut child = Command::new(BIN)
+            .args(["pull", &source, "--repo"])
+            .arg(&repo)
+            .args(["--tag", "big"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        if repo.join("meta.json").exists() {
+            fsck_ok(&cfsctl, &repo);
+        }
+    }
+    pull(&source, &repo, "big", &[]).unwrap();
+    fsck_ok(&cfsctl, &repo);
+    assert!(cfs(&cfsctl, &repo, &["oci", "images"]).contains("big"));
+}
+
+#[test]
+fn disk_full_then_rerun() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("big");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let t = tempfile::tempdir().unwrap();
+    let mnt = t.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    // tmpfs cannot reflink, so every body is copied and the 110 MiB layer cannot fit in 40 MiB.
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=40m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    if !st.success() {
+        println!("SKIP: cannot mount a tmpfs (not root?)");
+        return;
+    }
+    let _u = Unmount(mnt.clone());
+    let repo = mnt.join("repo");
+    let err = pull(&source, &repo, "big", &[]).expect_err("pulled 110 MiB into 40 MiB");
+    assert!(err.contains("No space left on device"), "{err}");
+    fsck_ok(&cfsctl, &repo);
+    assert!(!repo.join("streams/refs/oci/big").exists());
+    run(Command::new("mount")
+        .args(["-o", "remount,size=600m"])
+        .arg(&mnt));
+    pull(&source, &repo, "big", &[]).unwrap();
+    fsck_ok(&cfsctl, &repo);
+}
+
+#[test]
+fn concurrent_pulls_into_one_repository() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let (_t, repo) = repo_dir(f, "concurrent");
+    let start = Instant::now();
+    let jobs: Vec<_> = [("basic", "a"), ("basic", "b"), ("many", "c"), ("odd", "d")]
+        .into_iter()
+        .map(|(name, tag)| {
+            let source = format!("{}{}", f.store_arg(), f.image(name).reference);
+            let repo = repo.clone();
+            std::thread::spawn(move || pull(&source, &repo, tag, &[]).map(|_| ()))
+        })
+        .collect();
+    for j in jobs {
+        j.join().unwrap().unwrap();
+    }
+    println!("4 concurrent pulls in {:?}", start.elapsed());
+    fsck_ok(&cfsctl, &repo);
+    let listed = cfs(&cfsctl, &repo, &["oci", "images"]);
+    for tag in ["a", "b", "c", "d"] {
+        assert!(
+            listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(tag)),
+            "{tag}: {listed}"
+        );
+    }
+}
+
+#[test]
+fn oci_layouts_pull_like_containers_storage() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("basic");
+    let (_t, repo) = repo_dir(f, "layouts");
+    let from_store = pull(
+        &format!("{}{}", f.store_arg(), image.reference),
+        &repo,
+        "cs",
+        &[],
+    )
+    .unwrap();
+    for layout in f.layouts.iter().filter(|l| l.diff_ids == image.diff_ids) {
+        let source = format!("oci:{}:{}", f.layout_dir(&layout.dir).display(), layout.tag);
+        let s = pull(&source, &repo, &layout.dir, &[]).unwrap_or_else(|e| panic!("{source}: {e}"));
+        // The layers are shared with the containers-storage pull.
+        assert!(
+            s["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["status"] == "present"),
+            "{s}"
+        );
+        let _ = &from_store;
+    }
+    fsck_ok(&cfsctl, &repo);
+}
+
+#[test]
+fn readme_example_pulls() {
+    let Some(cfsctl) = cfsctl() else {
+        println!("SKIP: cfsctl not found");
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let source = concat!(
+        "oci:",
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/hello-oci:hello"
+    );
+    let s = pull(source, &repo, "hello", &[]).unwrap();
+    fsck_ok(&cfsctl, &repo);
+    let id = cfs(&cfsctl, &repo, &["oci", "compute-id", "hello"]);
+    assert_eq!(Some(id.trim()), s["erofsImage"].as_str());
+}
