@@ -3,7 +3,7 @@
 //! A request is `{"jsonrpc":"2.0","id":N,"method":M,"params":P}`; [`Request`] is the typed
 //! `method`/`params` pair. Results are the `*Result` structs; attached fds are listed per method.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// Protocol version spoken by this build (semver). A peer with another major version is refused.
 pub const PROTOCOL_VERSION: &str = "1.0.0";
@@ -26,9 +26,9 @@ pub mod code {
     pub const INTERNAL_ERROR: i64 = -32603;
     /// Framing or fd-count error of the transport (fatal, connection closed).
     pub const FRAMING: i64 = -32050;
-    /// `Initialize` missing, repeated, or the protocol major version differs.
+    /// `Initialize` missing (any other method first) or repeated.
     pub const NOT_INITIALIZED: i64 = -32001;
-    /// Incompatible protocol version requested.
+    /// `Initialize` asked for another protocol major version.
     pub const VERSION_MISMATCH: i64 = -32002;
     /// The image reference does not resolve in the store.
     pub const IMAGE_NOT_FOUND: i64 = -32010;
@@ -38,6 +38,22 @@ pub mod code {
     pub const BAD_HANDLE: i64 = -32012;
     /// The store could not be read (corrupt metadata, I/O error).
     pub const STORE_ERROR: i64 = -32013;
+
+    /// Every code above with its constant's name, for tables and tests.
+    pub const ALL: &[(&str, i64)] = &[
+        ("PARSE_ERROR", PARSE_ERROR),
+        ("INVALID_REQUEST", INVALID_REQUEST),
+        ("METHOD_NOT_FOUND", METHOD_NOT_FOUND),
+        ("INVALID_PARAMS", INVALID_PARAMS),
+        ("INTERNAL_ERROR", INTERNAL_ERROR),
+        ("FRAMING", FRAMING),
+        ("NOT_INITIALIZED", NOT_INITIALIZED),
+        ("VERSION_MISMATCH", VERSION_MISMATCH),
+        ("IMAGE_NOT_FOUND", IMAGE_NOT_FOUND),
+        ("LAYER_NOT_FOUND", LAYER_NOT_FOUND),
+        ("BAD_HANDLE", BAD_HANDLE),
+        ("STORE_ERROR", STORE_ERROR),
+    ];
 }
 
 /// A typed request: JSON-RPC `method` plus `params`.
@@ -45,7 +61,7 @@ pub mod code {
 #[serde(tag = "method", content = "params")]
 pub enum Request {
     /// First call of a session, exactly once.
-    Initialize(#[serde(default)] InitializeParams),
+    Initialize(InitializeParams),
     /// Resolve an image reference in the helper's store.
     OpenImage(OpenImageParams),
     /// Start streaming one layer: the reply carries the read end of a pipe.
@@ -57,16 +73,97 @@ pub enum Request {
     /// Release an image handle.
     CloseImage(CloseImageParams),
     /// End the session; the helper replies and exits.
-    Shutdown(#[serde(default)] ShutdownParams),
+    Shutdown(ShutdownParams),
 }
 
-/// `Initialize` params (all optional; `{}` is valid).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+impl Request {
+    /// Every method name, as sent in `method`.
+    pub const METHODS: &[&str] = &[
+        "Initialize",
+        "OpenImage",
+        "GetLayer",
+        "GetLayerFds",
+        "CloseLayer",
+        "CloseImage",
+        "Shutdown",
+    ];
+
+    /// The JSON-RPC method name.
+    pub fn method(&self) -> &'static str {
+        match self {
+            Self::Initialize(_) => "Initialize",
+            Self::OpenImage(_) => "OpenImage",
+            Self::GetLayer(_) => "GetLayer",
+            Self::GetLayerFds(_) => "GetLayerFds",
+            Self::CloseLayer(_) => "CloseLayer",
+            Self::CloseImage(_) => "CloseImage",
+            Self::Shutdown(_) => "Shutdown",
+        }
+    }
+}
+
+/// Check a received request envelope and type its method and params (the id is the caller's
+/// to echo: `msg["id"]`, or null when this fails with [`code::INVALID_REQUEST`]).
+///
+/// # Errors
+/// [`code::INVALID_REQUEST`] for a message that is not a JSON-RPC 2.0 request with an id,
+/// [`code::METHOD_NOT_FOUND`] for an unknown method, [`code::INVALID_PARAMS`] for params that
+/// do not fit the method.
+pub fn parse_request(msg: &serde_json::Value) -> Result<Request, RpcError> {
+    let invalid = |why: &str| RpcError::new(code::INVALID_REQUEST, format!("invalid request: {why}"));
+    if msg.get("jsonrpc").and_then(|v| v.as_str()) != Some("2.0") {
+        return Err(invalid("\"jsonrpc\" must be \"2.0\""));
+    }
+    if !msg
+        .get("id")
+        .is_some_and(|id| id.is_u64() || id.is_i64() || id.is_string())
+    {
+        return Err(invalid("\"id\" must be an integer or a string"));
+    }
+    let Some(method) = msg.get("method").and_then(|v| v.as_str()) else {
+        return Err(invalid("\"method\" must be a string"));
+    };
+    if !Request::METHODS.contains(&method) {
+        return Err(RpcError::new(
+            code::METHOD_NOT_FOUND,
+            format!("unknown method {method:?}"),
+        ));
+    }
+    let mut typed = serde_json::Map::new();
+    typed.insert("method".into(), method.into());
+    if let Some(params) = msg.get("params") {
+        typed.insert("params".into(), params.clone());
+    }
+    serde_json::from_value(typed.into()).map_err(|e| {
+        RpcError::new(code::INVALID_PARAMS, format!("invalid params for {method}: {e}"))
+    })
+}
+
+/// `Initialize` params (all optional; `{}`, `null` and absent params are valid).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct InitializeParams {
     /// The client's protocol version; the helper refuses another major version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for InitializeParams {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        struct Object {
+            #[serde(default)]
+            protocol_version: Option<String>,
+        }
+        // Going through `Option` makes serde accept `null` and, in `Request`, an absent
+        // `params` (an adjacently tagged enum hands a missing content to `deserialize_option`).
+        Ok(Option::<Object>::deserialize(deserializer)?
+            .map(|o| Self {
+                protocol_version: o.protocol_version,
+            })
+            .unwrap_or_default())
+    }
 }
 
 /// `Initialize` result.
@@ -225,10 +322,25 @@ pub struct CloseImageParams {
     pub image: u64,
 }
 
-/// `Shutdown` params (none).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// `Shutdown` params (none: `{}`, `null` or absent).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ShutdownParams {}
+
+impl<'de> Deserialize<'de> for ShutdownParams {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Object {}
+        // See `InitializeParams`: `Option` admits `null` and absent params.
+        Option::<Object>::deserialize(deserializer)?;
+        Ok(Self {})
+    }
+}
+
+/// Result of `CloseLayer`, `CloseImage` and `Shutdown`: `{}` (an object, so later versions
+/// can add fields).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmptyResult {}
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
