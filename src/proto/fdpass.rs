@@ -561,9 +561,7 @@ impl Transport {
     }
 
     /// The next message whose fds have all arrived, if any.
-    fn take_ready(
-        &mut self,
-    ) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
+    fn take_ready(&mut self) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
         if self.pending.is_none() {
             let Some(mut value) = self.framer.next_message()? else {
                 return Ok(None);
@@ -700,8 +698,13 @@ mod tests {
         if !fds.is_empty() {
             assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
         }
-        let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, SendFlags::empty())
-            .expect("sendmsg");
+        let n = rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("sendmsg");
         assert_eq!(n, data.len());
     }
 
@@ -755,7 +758,13 @@ mod tests {
         f.push(b"{} [1]");
         assert_eq!(f.next_message().unwrap(), Some(json!({})));
         let e = f.next_message().unwrap_err();
-        assert!(matches!(e, FramingError::NotAnObject { offset: 3, byte: b'[' }));
+        assert!(matches!(
+            e,
+            FramingError::NotAnObject {
+                offset: 3,
+                byte: b'['
+            }
+        ));
         assert_eq!(
             e.to_string(),
             "message at byte offset 3 starts with byte 0x5b, not '{'"
@@ -777,7 +786,10 @@ mod tests {
         f.push(b"{\"a\":\"0123456789");
         assert!(matches!(
             f.next_message(),
-            Err(FramingError::TooLarge { offset: 0, limit: 10 })
+            Err(FramingError::TooLarge {
+                offset: 0,
+                limit: 10
+            })
         ));
 
         for bad in [&b"{\"a\" 1}"[..], b"{]", b"{\"a\":[}}", b"{\"\xff\":1}"] {
@@ -909,7 +921,11 @@ mod tests {
                 0,
                 "end of stream inside the message at byte offset 7",
             ),
-            (br#"{"a":1}"#, 2, "end of stream with 2 fds that no message claimed"),
+            (
+                br#"{"a":1}"#,
+                2,
+                "end of stream with 2 fds that no message claimed",
+            ),
             (
                 br#"{"fds":-1}"#,
                 0,
@@ -920,7 +936,11 @@ mod tests {
                 1,
                 "message at byte offset 0 has \"fds\": \"1\", not a count",
             ),
-            (b"\"str\"", 0, "message at byte offset 0 starts with byte 0x22, not '{'"),
+            (
+                b"\"str\"",
+                0,
+                "message at byte offset 0 starts with byte 0x22, not '{'",
+            ),
         ];
         for &(bytes, nfds, text) in cases {
             let (a, b) = pair();
