@@ -68,7 +68,9 @@ fn contents(fd: &OwnedFd) -> String {
 /// above the hard limit.
 fn ensure_nofile() -> bool {
     let lim = getrlimit(Resource::Nofile);
-    let target = lim.maximum.map_or(NOFILE_WANTED, |max| max.min(NOFILE_WANTED));
+    let target = lim
+        .maximum
+        .map_or(NOFILE_WANTED, |max| max.min(NOFILE_WANTED));
     if lim.current.is_some_and(|cur| cur < target) {
         setrlimit(
             Resource::Nofile,
@@ -88,8 +90,13 @@ fn raw_send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) {
     if !fds.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, SendFlags::empty())
-        .expect("sendmsg");
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(data)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .expect("sendmsg");
     assert_eq!(n, data.len());
 }
 
@@ -97,7 +104,10 @@ fn raw_send(sock: BorrowedFd<'_>, data: &[u8], fds: &[BorrowedFd<'_>]) {
 fn assert_pipe_eof(read_end: &OwnedFd, what: &str) {
     let mut pfd = [PollFd::new(read_end, PollFlags::IN)];
     let ready = poll(&mut pfd, Some(&EOF_TIMEOUT)).expect("poll");
-    assert_eq!(ready, 1, "{what}: write end still open after {EOF_TIMEOUT:?}");
+    assert_eq!(
+        ready, 1,
+        "{what}: write end still open after {EOF_TIMEOUT:?}"
+    );
     let mut byte = [0u8; 1];
     let n = rustix::io::read(read_end, &mut byte).expect("read");
     assert_eq!(n, 0, "{what}: expected EOF");
@@ -140,8 +150,11 @@ fn ten_thousand_fds_in_batches() {
                     .map(|i| memfd(&format!("fd {i}")))
                     .collect();
                 let fds: Vec<_> = files.iter().map(|f| f.as_fd()).collect();
-                tx.send(&json!({"jsonrpc": "2.0", "method": "batch", "params": {"m": m}}), &fds)
-                    .unwrap();
+                tx.send(
+                    &json!({"jsonrpc": "2.0", "method": "batch", "params": {"m": m}}),
+                    &fds,
+                )
+                .unwrap();
                 // Our copies close here; the receiver's are the only ones left.
                 next += n;
             }
@@ -157,7 +170,10 @@ fn ten_thousand_fds_in_batches() {
             }
             next += n;
         }
-        assert!(rx.recv().unwrap().is_none(), "clean end after the last message");
+        assert!(
+            rx.recv().unwrap().is_none(),
+            "clean end after the last message"
+        );
     });
 }
 
@@ -260,7 +276,11 @@ fn end_of_stream_before_fds_closes_queued_fds() {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    assert_eq!(poll(&mut pfd, Some(&zero)).unwrap(), 0, "delivered fd still open");
+    assert_eq!(
+        poll(&mut pfd, Some(&zero)).unwrap(),
+        0,
+        "delivered fd still open"
+    );
     drop(kept);
     assert_pipe_eof(&first[0], "delivered fd after drop");
 }
@@ -283,7 +303,8 @@ fn send_to_closed_peer_is_epipe_not_sigpipe() {
             let mut t = Transport::new(a);
             for fds in [&[][..], &[memfd.as_fd()][..]] {
                 match t.send(&json!({"jsonrpc": "2.0", "method": "m"}), fds) {
-                    Err(TransportError::Io(e)) if e.raw_os_error() == Some(Errno::PIPE.raw_os_error()) => {}
+                    Err(TransportError::Io(e))
+                        if e.raw_os_error() == Some(Errno::PIPE.raw_os_error()) => {}
                     other => panic!("expected EPIPE, got {other:?}"),
                 }
             }
@@ -348,8 +369,11 @@ fn fds_dropped_at_low_nofile_are_a_fatal_error() {
         )
         .expect("lower RLIMIT_NOFILE");
         // The same file 100 times: sending needs no new descriptors, receiving needs 100.
-        tx.send(&json!({"jsonrpc": "2.0", "method": "m"}), &vec![file.as_fd(); SENT])
-            .unwrap();
+        tx.send(
+            &json!({"jsonrpc": "2.0", "method": "m"}),
+            &vec![file.as_fd(); SENT],
+        )
+        .unwrap();
         match rx.recv() {
             Err(e @ TransportError::FdsTruncated { installed }) => {
                 assert!(e.is_framing());
@@ -378,13 +402,20 @@ fn whitespace_and_pretty_printed_messages_from_a_raw_peer() {
     let mut rx = Transport::new(b);
     let file = memfd("pretty");
     // Pretty printing with the fd count in the middle, split mid-string across writes.
-    raw_send(a.as_fd(), b"\n\n{\n  \"fds\": 1,\n  \"s\": \"a}b", &[file.as_fd()]);
+    raw_send(
+        a.as_fd(),
+        b"\n\n{\n  \"fds\": 1,\n  \"s\": \"a}b",
+        &[file.as_fd()],
+    );
     raw_send(a.as_fd(), b"\\\"c\"\n}\r\n\t", &[]);
     raw_send(a.as_fd(), b"{}", &[]);
     drop(a);
     let (msg, fds) = rx.recv().unwrap().unwrap();
     assert_eq!(msg, json!({"s": "a}b\"c"}));
     assert_eq!(contents(&fds[0]), "pretty");
-    assert_eq!(rx.recv().unwrap().unwrap().0, Value::Object(Default::default()));
+    assert_eq!(
+        rx.recv().unwrap().unwrap().0,
+        Value::Object(Default::default())
+    );
     assert!(rx.recv().unwrap().is_none());
 }

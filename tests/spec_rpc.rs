@@ -125,7 +125,11 @@ fn requests_round_trip() {
     let mut seen = 0;
     for e in of_kind("request") {
         let v = e.json();
-        assert!(v.get("fds").is_none(), "rpc.md:{}: requests carry no fds", e.line);
+        assert!(
+            v.get("fds").is_none(),
+            "rpc.md:{}: requests carry no fds",
+            e.line
+        );
         let req = rpc::parse_request(&v).unwrap_or_else(|err| panic!("rpc.md:{}: {err}", e.line));
         assert_eq!(req.method(), e.name, "rpc.md:{}", e.line);
         let id = v["id"].as_u64().expect("examples use integer ids");
@@ -252,7 +256,11 @@ fn crc64_examples_are_tar_split_crcs() {
     let readme =
         b"This file is longer than the 64-byte inline threshold, so its body travels as an fd.\n";
     assert_eq!(readme.len(), 85);
-    assert_eq!(crc64_iso(b"123456789"), 0xb909_56c7_75a4_1001, "CRC-64/GO-ISO check value");
+    assert_eq!(
+        crc64_iso(b"123456789"),
+        0xb909_56c7_75a4_1001,
+        "CRC-64/GO-ISO check value"
+    );
     let crcs: Vec<String> = of_kind("response")
         .filter(|e| e.name == "GetLayerFds")
         .flat_map(|e| {
@@ -278,7 +286,12 @@ fn errors_round_trip() {
         let v = e.json();
         let err: RpcError = serde_json::from_value(v["error"].clone())
             .unwrap_or_else(|err| panic!("rpc.md:{}: {err}", e.line));
-        assert!(known.contains(&err.code), "rpc.md:{}: code {}", e.line, err.code);
+        assert!(
+            known.contains(&err.code),
+            "rpc.md:{}: code {}",
+            e.line,
+            err.code
+        );
         assert_eq!(rpc::error_message(&v["id"], &err), v, "rpc.md:{}", e.line);
         assert!(v.get("result").is_none());
         seen += 1;
@@ -298,10 +311,18 @@ fn invalid_requests_get_the_documented_errors() {
         let err = rpc::parse_request(&e.json()).expect_err("example must be refused");
         assert_eq!(err.code, want, "rpc.md:{}: {err}", e.line);
         // The error example right after it is the helper's exact answer.
-        let answer = all.get(i + 1).filter(|n| n.kind == "error").map(Example::json);
+        let answer = all
+            .get(i + 1)
+            .filter(|n| n.kind == "error")
+            .map(Example::json);
         let answer = answer.unwrap_or_else(|| panic!("rpc.md:{}: no answer follows", e.line));
         assert_eq!(answer["error"]["code"], want);
-        assert_eq!(answer["error"]["message"], err.message.as_str(), "rpc.md:{}", e.line);
+        assert_eq!(
+            answer["error"]["message"],
+            err.message.as_str(),
+            "rpc.md:{}",
+            e.line
+        );
         seen += 1;
     }
     assert_eq!(seen, 3);

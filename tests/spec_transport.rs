@@ -97,8 +97,13 @@ fn raw_sendmsg(sock: BorrowedFd<'_>, payload: &[u8], fds: &[BorrowedFd<'_>]) {
     if !fds.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
     }
-    let n = rustix::net::sendmsg(sock, &[IoSlice::new(payload)], &mut control, SendFlags::empty())
-        .expect("sendmsg");
+    let n = rustix::net::sendmsg(
+        sock,
+        &[IoSlice::new(payload)],
+        &mut control,
+        SendFlags::empty(),
+    )
+    .expect("sendmsg");
     assert_eq!(n, payload.len());
 }
 
@@ -149,7 +154,10 @@ fn replay(calls: &[Call]) -> (Vec<(Value, Vec<String>)>, Option<String>) {
         s.spawn(|| {
             let mut next = 0;
             for call in calls {
-                let fds: Vec<_> = files[next..next + call.fds].iter().map(|f| f.as_fd()).collect();
+                let fds: Vec<_> = files[next..next + call.fds]
+                    .iter()
+                    .map(|f| f.as_fd())
+                    .collect();
                 raw_sendmsg(a.as_fd(), &call.payload, &fds);
                 next += call.fds;
             }
@@ -188,7 +196,10 @@ fn transport_ok_examples() {
             .iter()
             .map(|m| m.get("fds").map_or(0, |n| n.as_u64().unwrap()))
             .sum();
-        assert_eq!(announced as usize, calls.iter().map(|c| c.fds).sum::<usize>());
+        assert_eq!(
+            announced as usize,
+            calls.iter().map(|c| c.fds).sum::<usize>()
+        );
 
         let (received, error) = replay(&calls);
         assert_eq!(error, None, "{name}");

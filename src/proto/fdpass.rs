@@ -38,6 +38,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
+use super::rpc;
+
 /// Most fds one `sendmsg` carries: Linux's `SCM_MAX_FD`. The kernel refuses more with `EINVAL`,
 /// and the receive side sizes its control buffer for exactly this many.
 #[doc(alias = "SCM_MAX_FD")]
@@ -359,6 +361,17 @@ impl TransportError {
                 | Self::Failed
         )
     }
+
+    /// The JSON-RPC error code a peer is told about a fatal receive error before the
+    /// connection closes: [`PARSE_ERROR`](rpc::code::PARSE_ERROR) for invalid JSON,
+    /// [`FRAMING`](rpc::code::FRAMING) for the other framing errors, `None` for the rest.
+    pub fn rpc_code(&self) -> Option<i64> {
+        match self {
+            Self::Framing(FramingError::InvalidJson { .. }) => Some(rpc::code::PARSE_ERROR),
+            e if e.is_framing() => Some(rpc::code::FRAMING),
+            _ => None,
+        }
+    }
 }
 
 /// A parsed message waiting for its fds.
@@ -561,9 +574,7 @@ impl Transport {
     }
 
     /// The next message whose fds have all arrived, if any.
-    fn take_ready(
-        &mut self,
-    ) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
+    fn take_ready(&mut self) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
         if self.pending.is_none() {
             let Some(mut value) = self.framer.next_message()? else {
                 return Ok(None);
@@ -700,8 +711,13 @@ mod tests {
         if !fds.is_empty() {
             assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
         }
-        let n = rustix::net::sendmsg(sock, &[IoSlice::new(data)], &mut control, SendFlags::empty())
-            .expect("sendmsg");
+        let n = rustix::net::sendmsg(
+            sock,
+            &[IoSlice::new(data)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .expect("sendmsg");
         assert_eq!(n, data.len());
     }
 
@@ -755,7 +771,13 @@ mod tests {
         f.push(b"{} [1]");
         assert_eq!(f.next_message().unwrap(), Some(json!({})));
         let e = f.next_message().unwrap_err();
-        assert!(matches!(e, FramingError::NotAnObject { offset: 3, byte: b'[' }));
+        assert!(matches!(
+            e,
+            FramingError::NotAnObject {
+                offset: 3,
+                byte: b'['
+            }
+        ));
         assert_eq!(
             e.to_string(),
             "message at byte offset 3 starts with byte 0x5b, not '{'"
@@ -777,7 +799,10 @@ mod tests {
         f.push(b"{\"a\":\"0123456789");
         assert!(matches!(
             f.next_message(),
-            Err(FramingError::TooLarge { offset: 0, limit: 10 })
+            Err(FramingError::TooLarge {
+                offset: 0,
+                limit: 10
+            })
         ));
 
         for bad in [&b"{\"a\" 1}"[..], b"{]", b"{\"a\":[}}", b"{\"\xff\":1}"] {
@@ -909,7 +934,11 @@ mod tests {
                 0,
                 "end of stream inside the message at byte offset 7",
             ),
-            (br#"{"a":1}"#, 2, "end of stream with 2 fds that no message claimed"),
+            (
+                br#"{"a":1}"#,
+                2,
+                "end of stream with 2 fds that no message claimed",
+            ),
             (
                 br#"{"fds":-1}"#,
                 0,
@@ -920,7 +949,11 @@ mod tests {
                 1,
                 "message at byte offset 0 has \"fds\": \"1\", not a count",
             ),
-            (b"\"str\"", 0, "message at byte offset 0 starts with byte 0x22, not '{'"),
+            (
+                b"\"str\"",
+                0,
+                "message at byte offset 0 starts with byte 0x22, not '{'",
+            ),
         ];
         for &(bytes, nfds, text) in cases {
             let (a, b) = pair();
@@ -935,10 +968,24 @@ mod tests {
             }
             let e = first.unwrap_err();
             assert!(e.is_framing(), "{e}");
+            assert_eq!(e.rpc_code(), Some(rpc::code::FRAMING), "{e}");
             assert_eq!(e.to_string(), text);
             assert!(b.fds.is_empty(), "queued fds closed");
             assert!(matches!(b.recv(), Err(TransportError::Failed)));
         }
+    }
+
+    #[test]
+    fn invalid_json_is_a_parse_error() {
+        let (a, b) = pair();
+        let mut b = Transport::new(b);
+        raw_send(&a, b"{\"a\":1}\n{\"b\":tru}", &[]);
+        assert_eq!(b.recv().unwrap().unwrap().0, json!({"a": 1}));
+        let e = b.recv().unwrap_err();
+        assert_eq!(e.to_string(), "message at byte offset 8 is not valid JSON");
+        assert_eq!(e.rpc_code(), Some(rpc::code::PARSE_ERROR));
+        let io = TransportError::Io(std::io::ErrorKind::BrokenPipe.into());
+        assert_eq!(io.rpc_code(), None);
     }
 
     #[test]

@@ -110,7 +110,8 @@ impl Request {
 /// [`code::METHOD_NOT_FOUND`] for an unknown method, [`code::INVALID_PARAMS`] for params that
 /// do not fit the method.
 pub fn parse_request(msg: &serde_json::Value) -> Result<Request, RpcError> {
-    let invalid = |why: &str| RpcError::new(code::INVALID_REQUEST, format!("invalid request: {why}"));
+    let invalid =
+        |why: &str| RpcError::new(code::INVALID_REQUEST, format!("invalid request: {why}"));
     if msg.get("jsonrpc").and_then(|v| v.as_str()) != Some("2.0") {
         return Err(invalid("\"jsonrpc\" must be \"2.0\""));
     }
@@ -135,7 +136,10 @@ pub fn parse_request(msg: &serde_json::Value) -> Result<Request, RpcError> {
         typed.insert("params".into(), params.clone());
     }
     serde_json::from_value(typed.into()).map_err(|e| {
-        RpcError::new(code::INVALID_PARAMS, format!("invalid params for {method}: {e}"))
+        RpcError::new(
+            code::INVALID_PARAMS,
+            format!("invalid params for {method}: {e}"),
+        )
     })
 }
 
