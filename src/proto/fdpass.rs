@@ -575,33 +575,32 @@ impl Transport {
 
     /// The next message whose fds have all arrived, if any.
     fn take_ready(&mut self) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
-        if self.pending.is_none() {
-            let Some(mut value) = self.framer.next_message()? else {
-                return Ok(None);
-            };
-            let offset = self.framer.message_offset();
-            let obj = value
-                .as_object_mut()
-                .expect("the framer only yields objects");
-            let fds = match obj.remove(FDS_KEY) {
-                None => 0,
-                Some(n) => n
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| TransportError::InvalidFdCount {
-                        offset,
-                        value: n.to_string(),
-                    })?,
-            };
-            self.pending = Some(Pending { value, fds, offset });
-        }
-        let Some(pending) = &self.pending else {
-            unreachable!("set above")
+        let pending = match self.pending.take() {
+            Some(pending) => pending,
+            None => {
+                let Some(mut value) = self.framer.next_message()? else {
+                    return Ok(None);
+                };
+                let offset = self.framer.message_offset();
+                let obj = value
+                    .as_object_mut()
+                    .expect("the framer only yields objects");
+                let fds = match obj.remove(FDS_KEY) {
+                    None => 0,
+                    Some(n) => n
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| TransportError::InvalidFdCount {
+                            offset,
+                            value: n.to_string(),
+                        })?,
+                };
+                Pending { value, fds, offset }
+            }
         };
         if self.fds.len() >= pending.fds {
-            let n = pending.fds;
-            let pending = self.pending.take().expect("checked above");
-            return Ok(Some((pending.value, self.fds.drain(..n).collect())));
+            let fds = self.fds.drain(..pending.fds).collect();
+            return Ok(Some((pending.value, fds)));
         }
         if self.framer.has_pending_bytes() {
             return Err(TransportError::MismatchedCount {
@@ -611,6 +610,7 @@ impl Transport {
                 before: "the next message",
             });
         }
+        self.pending = Some(pending);
         Ok(None)
     }
 
