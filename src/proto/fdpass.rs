@@ -38,6 +38,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags,
 };
 
+use super::rpc;
+
 /// Most fds one `sendmsg` carries: Linux's `SCM_MAX_FD`. The kernel refuses more with `EINVAL`,
 /// and the receive side sizes its control buffer for exactly this many.
 #[doc(alias = "SCM_MAX_FD")]
@@ -359,6 +361,17 @@ impl TransportError {
                 | Self::Failed
         )
     }
+
+    /// The JSON-RPC error code a peer is told about a fatal receive error before the
+    /// connection closes: [`PARSE_ERROR`](rpc::code::PARSE_ERROR) for invalid JSON,
+    /// [`FRAMING`](rpc::code::FRAMING) for the other framing errors, `None` for the rest.
+    pub fn rpc_code(&self) -> Option<i64> {
+        match self {
+            Self::Framing(FramingError::InvalidJson { .. }) => Some(rpc::code::PARSE_ERROR),
+            e if e.is_framing() => Some(rpc::code::FRAMING),
+            _ => None,
+        }
+    }
 }
 
 /// A parsed message waiting for its fds.
@@ -562,33 +575,32 @@ impl Transport {
 
     /// The next message whose fds have all arrived, if any.
     fn take_ready(&mut self) -> Result<Option<(serde_json::Value, Vec<OwnedFd>)>, TransportError> {
-        if self.pending.is_none() {
-            let Some(mut value) = self.framer.next_message()? else {
-                return Ok(None);
-            };
-            let offset = self.framer.message_offset();
-            let obj = value
-                .as_object_mut()
-                .expect("the framer only yields objects");
-            let fds = match obj.remove(FDS_KEY) {
-                None => 0,
-                Some(n) => n
-                    .as_u64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| TransportError::InvalidFdCount {
-                        offset,
-                        value: n.to_string(),
-                    })?,
-            };
-            self.pending = Some(Pending { value, fds, offset });
-        }
-        let Some(pending) = &self.pending else {
-            unreachable!("set above")
+        let pending = match self.pending.take() {
+            Some(pending) => pending,
+            None => {
+                let Some(mut value) = self.framer.next_message()? else {
+                    return Ok(None);
+                };
+                let offset = self.framer.message_offset();
+                let obj = value
+                    .as_object_mut()
+                    .expect("the framer only yields objects");
+                let fds = match obj.remove(FDS_KEY) {
+                    None => 0,
+                    Some(n) => n
+                        .as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| TransportError::InvalidFdCount {
+                            offset,
+                            value: n.to_string(),
+                        })?,
+                };
+                Pending { value, fds, offset }
+            }
         };
         if self.fds.len() >= pending.fds {
-            let n = pending.fds;
-            let pending = self.pending.take().expect("checked above");
-            return Ok(Some((pending.value, self.fds.drain(..n).collect())));
+            let fds = self.fds.drain(..pending.fds).collect();
+            return Ok(Some((pending.value, fds)));
         }
         if self.framer.has_pending_bytes() {
             return Err(TransportError::MismatchedCount {
@@ -598,6 +610,7 @@ impl Transport {
                 before: "the next message",
             });
         }
+        self.pending = Some(pending);
         Ok(None)
     }
 
@@ -955,10 +968,24 @@ mod tests {
             }
             let e = first.unwrap_err();
             assert!(e.is_framing(), "{e}");
+            assert_eq!(e.rpc_code(), Some(rpc::code::FRAMING), "{e}");
             assert_eq!(e.to_string(), text);
             assert!(b.fds.is_empty(), "queued fds closed");
             assert!(matches!(b.recv(), Err(TransportError::Failed)));
         }
+    }
+
+    #[test]
+    fn invalid_json_is_a_parse_error() {
+        let (a, b) = pair();
+        let mut b = Transport::new(b);
+        raw_send(&a, b"{\"a\":1}\n{\"b\":tru}", &[]);
+        assert_eq!(b.recv().unwrap().unwrap().0, json!({"a": 1}));
+        let e = b.recv().unwrap_err();
+        assert_eq!(e.to_string(), "message at byte offset 8 is not valid JSON");
+        assert_eq!(e.rpc_code(), Some(rpc::code::PARSE_ERROR));
+        let io = TransportError::Io(std::io::ErrorKind::BrokenPipe.into());
+        assert_eq!(io.rpc_code(), None);
     }
 
     #[test]
