@@ -548,8 +548,12 @@ impl LayerStream<'_> {
     /// Clean end of the pipe: the helper must confirm the layer complete with matching counts.
     fn finish(&mut self, entries: u64, fd_refs: u64, bytes: u64) -> anyhow::Result<()> {
         while self.end.is_none() {
-            self.fetch_fds()
-                .with_context(|| format!("waiting for the end of layer {}", self.layer.diff_id))?;
+            self.fetch_fds().with_context(|| {
+                format!(
+                    "layer {} incomplete: no end status from the helper",
+                    self.layer.diff_id
+                )
+            })?;
         }
         if !self.fds.is_empty() {
             bail!(
@@ -602,14 +606,13 @@ impl LayerStream<'_> {
 
 impl Drop for LayerStream<'_> {
     fn drop(&mut self) {
-        if self.end.is_none() {
-            // Abandoned: close the pipe so the producer stops, then release the stream.
-            self.reader = None;
-            let _ = self
-                .proxy
-                .call::<Value>(&Request::CloseLayer(rpc::CloseLayerParams {
-                    stream: self.stream,
-                }));
-        }
+        // Close the pipe first so a producer still writing stops, then release the stream
+        // (after a complete layer too: the helper keeps its end status until CloseLayer).
+        self.reader = None;
+        let _ = self
+            .proxy
+            .call::<Value>(&Request::CloseLayer(rpc::CloseLayerParams {
+                stream: self.stream,
+            }));
     }
 }

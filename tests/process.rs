@@ -12,6 +12,8 @@ use splitfdstream::proto::fdpass::Transport;
 use splitfdstream::proto::rpc;
 use splitfdstream::proto::source::Store;
 
+mod common;
+
 fn example_store() -> Store {
     Store::OciLayout {
         dir: concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello-oci").into(),
@@ -171,40 +173,35 @@ fn framing_garbage_is_fatal_with_32050() {
 
 #[test]
 fn sigkill_mid_request_is_reported_within_a_second() {
-    // index.json is a FIFO nobody writes: the helper blocks inside OpenImage until killed.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        dir.path().join("index.json"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o600),
-        0,
-    )
-    .unwrap();
-    let mut proxy = Proxy::spawn(&config(Store::OciLayout {
-        dir: dir.path().into(),
-    }))
-    .unwrap();
+    // A writer's lock on the store's image list (as podman takes while it writes) makes the
+    // helper wait inside OpenImage; it is killed there.
+    let Some(f) = common::fixtures() else { return };
+    let private = f.private_store(&["basic"]);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(private.graphroot.join("overlay-images/images.lock"))
+        .unwrap();
+    rustix::fs::fcntl_lock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    let mut proxy = Proxy::spawn(&config(private.store())).unwrap();
     let pid = proxy.helper_pid();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
         Instant::now()
     });
-    let err = proxy.open_image("").expect_err("the helper was killed");
-    let killed_at = killer.join().unwrap();
-    let latency = killed_at.elapsed();
+    let reference = f.image("basic").reference.clone();
+    let err = proxy
+        .open_image(&reference)
+        .expect_err("the helper was killed");
+    let latency = killer.join().unwrap().elapsed();
     let text = format!("{err:#}");
     assert!(
         text.contains("helper exited") && text.contains("signal: 9"),
         "{text}"
     );
     assert!(latency < Duration::from_secs(1), "error after {latency:?}");
+    drop(lock);
 }
 
 #[test]

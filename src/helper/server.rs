@@ -157,21 +157,22 @@ pub fn serve(sock: OwnedFd, store: Store) -> anyhow::Result<()> {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
             Err(e) => {
-                if e.is_framing() {
+                if let Some(code) = e.rpc_code() {
                     // Best effort: tell the peer why before closing.
-                    let err = RpcError::new(code::FRAMING, format!("{:#}", anyhow::Error::new(e)));
+                    let err = RpcError::new(code, format!("{:#}", anyhow::Error::new(e)));
                     let _ = transport.send(&rpc::error_message(&Value::Null, &err), &[]);
                     anyhow::bail!("{}", err.message);
                 }
                 return Err(anyhow::Error::new(e).context("receiving request"));
             }
         };
-        let id = msg.get("id").cloned();
+        // A message without a usable id is answered with id null (proto/rpc.md §2).
+        let id = msg
+            .get("id")
+            .filter(|id| id.is_u64() || id.is_i64() || id.is_string())
+            .cloned()
+            .unwrap_or(Value::Null);
         let outcome = session.handle(&msg, fds);
-        let Some(id) = id else {
-            // A notification: JSON-RPC forbids a reply.
-            continue;
-        };
         let shutdown = matches!(outcome, Outcome::Shutdown);
         let (reply, reply_fds) = match outcome {
             Outcome::Reply(result, fds) => (rpc::result_message(&id, &result), fds),
@@ -200,55 +201,20 @@ fn reply(result: &impl Serialize, fds: Vec<OwnedFd>) -> Outcome {
     )
 }
 
-const METHODS: &[&str] = &[
-    "Initialize",
-    "OpenImage",
-    "GetLayer",
-    "GetLayerFds",
-    "CloseLayer",
-    "CloseImage",
-    "Shutdown",
-];
-
 impl Session {
     fn handle(&mut self, msg: &Value, fds: Vec<OwnedFd>) -> Outcome {
-        // Requests never carry fds in this protocol; any that came are closed here.
-        drop(fds);
-        if msg.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Outcome::Error(RpcError::new(
-                code::INVALID_REQUEST,
-                "not a JSON-RPC 2.0 request",
-            ));
-        }
-        let Some(method) = msg.get("method").and_then(Value::as_str) else {
-            return Outcome::Error(RpcError::new(
-                code::INVALID_REQUEST,
-                "request has no method",
-            ));
-        };
-        if !METHODS.contains(&method) {
-            return Outcome::Error(RpcError::new(
-                code::METHOD_NOT_FOUND,
-                format!("unknown method {method:?}"),
-            ));
-        }
-        let mut typed = serde_json::Map::new();
-        typed.insert("method".into(), method.into());
-        typed.insert(
-            "params".into(),
-            msg.get("params")
-                .cloned()
-                .unwrap_or_else(|| serde_json::json!({})),
-        );
-        let req: Request = match serde_json::from_value(Value::Object(typed)) {
+        let req = match rpc::parse_request(msg) {
             Ok(r) => r,
-            Err(e) => {
-                return Outcome::Error(RpcError::new(
-                    code::INVALID_PARAMS,
-                    format!("{method}: {e}"),
-                ));
-            }
+            Err(e) => return Outcome::Error(e),
         };
+        // No request carries fds (proto/rpc.md §2); any that came are closed here.
+        if !fds.is_empty() {
+            drop(fds);
+            return Outcome::Error(RpcError::new(
+                code::INVALID_PARAMS,
+                format!("{} does not take file descriptors", req.method()),
+            ));
+        }
         if !self.initialized && !matches!(req, Request::Initialize(_) | Request::Shutdown(_)) {
             return Outcome::Error(RpcError::new(
                 code::NOT_INITIALIZED,
