@@ -289,7 +289,9 @@ fn bad_references_fail_clearly() {
 #[test]
 fn helper_killed_mid_layer_is_an_incomplete_layer() {
     let Some(f) = fixtures() else { return };
-    let big = f.image("big");
+    // 20,000 files: the helper cannot finish before the client took most of its fds, so a kill
+    // after the first output is really mid-layer.
+    let big = f.image("many");
     let (layer, _) = big
         .layer_sizes
         .iter()
@@ -307,6 +309,8 @@ fn helper_killed_mid_layer_is_an_incomplete_layer() {
     // Read a little, so the layer is mid-stream, then kill the helper (the CLI's child).
     let mut buf = vec![0u8; 64 << 10];
     stdout.read_exact(&mut buf).unwrap();
+    // Let the helper fill its window and block on the full pipe before it dies.
+    std::thread::sleep(Duration::from_millis(300));
     let helper = loop {
         let children =
             std::fs::read_to_string(format!("/proc/{}/task/{}/children", child.id(), child.id()))
