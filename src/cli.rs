@@ -258,14 +258,10 @@ fn tar(
                     out.write_all(&buf[..n])?;
                     left -= n as u64;
                 }
-                if verify_crc {
-                    if let Some(expected) = crc64 {
-                        if crc != expected {
-                            bail!(
-                                "layer {diff_id}: body {files} has CRC-64 {crc:016x}, tar-split recorded {expected:016x}"
-                            );
-                        }
-                    }
+                if let Some(expected) = crc64.filter(|e| verify_crc && *e != crc) {
+                    bail!(
+                        "layer {diff_id}: body {files} has CRC-64 {crc:016x}, tar-split recorded {expected:016x}"
+                    );
                 }
             }
         }
@@ -302,7 +298,7 @@ impl Bar {
             self.bytes.load(Ordering::Relaxed),
             self.total_bytes.load(Ordering::Relaxed),
         );
-        let pct = if t > 0 { b.saturating_mul(100) / t } else { 0 };
+        let pct = b.saturating_mul(100).checked_div(t).unwrap_or(0);
         eprint!(
             "\r\x1b[2Klayers {}/{}  {} / {} ({pct}%)  {} files",
             self.layers.load(Ordering::Relaxed),

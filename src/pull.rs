@@ -125,6 +125,9 @@ impl ObjectCounts {
     }
 }
 
+/// A layer's stream object, bodies and bytes, or why it failed.
+type LayerResult = anyhow::Result<(ObjectId, u64, u64)>;
+
 /// Most layers imported at once by default: each runs its own helper and one core of hashing.
 const MAX_DEFAULT_JOBS: usize = 8;
 
@@ -190,7 +193,7 @@ pub fn pull(
         })
         .clamp(1, todo.len().max(1));
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(usize, anyhow::Result<(ObjectId, u64, u64)>)>> = Mutex::new(Vec::new());
+    let results: Mutex<Vec<(usize, LayerResult)>> = Mutex::new(Vec::new());
     let counts = Mutex::new(ObjectCounts::default());
     let work = |proxy: &mut Proxy, handle: u64| loop {
         let k = next.fetch_add(1, Ordering::Relaxed);

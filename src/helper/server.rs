@@ -255,16 +255,18 @@ impl Session {
                 "Initialize called twice",
             ));
         }
-        if let Some(v) = &p.protocol_version {
-            if !rpc::version_compatible(v) {
-                return Outcome::Error(RpcError::new(
-                    code::VERSION_MISMATCH,
-                    format!(
-                        "client protocol {v} is incompatible with helper protocol {}",
-                        rpc::PROTOCOL_VERSION
-                    ),
-                ));
-            }
+        if let Some(v) = p
+            .protocol_version
+            .as_deref()
+            .filter(|v| !rpc::version_compatible(v))
+        {
+            return Outcome::Error(RpcError::new(
+                code::VERSION_MISMATCH,
+                format!(
+                    "client protocol {v} is incompatible with helper protocol {}",
+                    rpc::PROTOCOL_VERSION
+                ),
+            ));
         }
         self.initialized = true;
         reply(

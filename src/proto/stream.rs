@@ -785,7 +785,7 @@ mod tests {
         std::os::unix::fs::symlink("five-k", root.join("symlink")).unwrap();
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &root.join("fifo"),
+            root.join("fifo"),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o644),
             0,
