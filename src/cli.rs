@@ -392,7 +392,7 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
         out.flush()?;
     }
     eprintln!(
-        "pulled {} as {}: {imported} of {} layers imported, {} in {files} files; objects {} reflinked, {} copied, {} reused; {:.2} s{}",
+        "pulled {} as {}: {imported} of {} layers imported, {} ({files} bodies passed as fds); objects {} reflinked, {} copied, {} reused; {:.2} s{}",
         source,
         s.tag,
         s.layers.len(),
