@@ -13,11 +13,11 @@ root, layer, scale = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 rng = random.Random(layer)
 # (directory, count, min size, max size) per layer kind; sizes in bytes.
 KINDS = [
-    ("usr/lib/python3/site-packages/pkg{}", 18000, 200, 24000),
-    ("usr/share/node_modules/mod{}", 18000, 100, 8000),
-    ("usr/lib/x86_64-linux-gnu/lib{}", 1500, 50000, 1500000),
+    ("usr/lib/python3/site-packages/pkg{}", 32000, 200, 24000),
+    ("usr/share/node_modules/mod{}", 32000, 100, 8000),
+    ("usr/lib/x86_64-linux-gnu/lib{}", 2000, 50000, 1500000),
     ("opt/models/m{}", 6, 60_000_000, 140_000_000),
-    ("srv/assets/a{}", 15000, 10, 4000),
+    ("srv/assets/a{}", 26000, 10, 4000),
 ]
 kind = KINDS[layer % len(KINDS)]
 pattern, count, lo, hi = kind

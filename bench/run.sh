@@ -3,7 +3,7 @@
 # run, warm and cold (page cache dropped), on XFS with reflink and on ext4 (both loop mounts).
 # Prints a Markdown table: wall time, CPU time, peak RSS, disk blocks used, ratio to cfsctl.
 #
-# usage (root): bench/run.sh [WORKDIR] [SCALE]     (SCALE 1.0 ≈ 2.9 GB, 92,000 files, 5 layers)
+# usage (root): bench/run.sh [WORKDIR] [SCALE]     (SCALE 1.0 ≈ 2.7 GB, 92,000 files, 5 layers)
 # env: CFSCTL (default: cfsctl on PATH or the CI cache), FILESYSTEMS (default "xfs ext4"),
 #      HASH (default sha512), RUNS (default 1)
 set -euo pipefail
