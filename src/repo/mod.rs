@@ -332,6 +332,8 @@ pub struct Repository {
     erofs_formats: ErofsFormats,
     /// Source devices on which `FICLONE` into this repository failed as unsupported.
     no_reflink_from: Mutex<HashSet<u64>>,
+    /// Source devices from which `FICLONE` into this repository has worked.
+    reflink_ok_from: Mutex<HashSet<u64>>,
     /// Reusable read buffers for [`Repository::store_file`].
     buffers: Mutex<Vec<Vec<u8>>>,
 }
@@ -484,6 +486,7 @@ impl Repository {
             insecure,
             erofs_formats: meta.erofs_formats(),
             no_reflink_from: Mutex::new(HashSet::new()),
+            reflink_ok_from: Mutex::new(HashSet::new()),
             buffers: Mutex::new(Vec::new()),
         })
     }

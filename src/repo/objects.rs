@@ -369,9 +369,72 @@ impl Repository {
             "the source file has {} bytes, but {size} were announced",
             st.st_size
         );
+        let known_reflink = self
+            .reflink_ok_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&st.st_dev);
+        if known_reflink {
+            // Cloning needs no data, so hash first: an object that already exists then costs
+            // no temporary file at all (creating and discarding a reflinked O_TMPFILE costs
+            // more than the hashing of a small body).
+            let id = self.hash_source(src, size, feed, None)?;
+            if self.existing_object_ok(&id, size)? {
+                return Ok((id, StoreMethod::AlreadyPresent));
+            }
+            let tmp = self.create_tmp_object()?;
+            if self.try_reflink(src, st.st_dev, &tmp)? {
+                self.check_clone_size(&tmp, size)?;
+                let method = self.commit_tmp_object(tmp, &id, size)?;
+                return Ok((
+                    id,
+                    if method == StoreMethod::AlreadyPresent {
+                        method
+                    } else {
+                        StoreMethod::Reflinked
+                    },
+                ));
+            }
+            // The filesystem changed its mind (e.g. out of space for clone metadata): copy,
+            // reading the source a second time, which only this rare path does.
+            let copied = self.hash_source(src, size, &mut |_| {}, Some(&tmp))?;
+            ensure!(
+                copied == id,
+                "the source file changed while it was imported"
+            );
+            let method = self.commit_tmp_object(tmp, &id, size)?;
+            return Ok((id, method));
+        }
         let tmp = self.create_tmp_object()?;
         let reflinked = self.try_reflink(src, st.st_dev, &tmp)?;
+        let id = self.hash_source(src, size, feed, (!reflinked).then_some(&tmp))?;
+        if reflinked {
+            self.reflink_ok_from
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(st.st_dev);
+            self.check_clone_size(&tmp, size)?;
+        }
+        let method = self.commit_tmp_object(tmp, &id, size)?;
+        Ok((
+            id,
+            match method {
+                StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
+                _ if reflinked => StoreMethod::Reflinked,
+                m => m,
+            },
+        ))
+    }
 
+    /// Read `src` once (`size` bytes) into the fs-verity hasher and `feed`, and into `copy_to`
+    /// when given (the copy path: written from the same buffer).
+    fn hash_source(
+        &self,
+        src: BorrowedFd<'_>,
+        size: u64,
+        feed: &mut dyn FnMut(&[u8]),
+        copy_to: Option<&TmpObject>,
+    ) -> anyhow::Result<ObjectId> {
         let mut hasher = FsVerityHasher::new(self.alg);
         let mut buf = self.take_buffer(usize::try_from(size).unwrap_or(usize::MAX));
         let mut offset = 0u64;
@@ -386,7 +449,7 @@ impl Repository {
                     offset + n as u64
                 );
                 let chunk = &buf[..n];
-                if !reflinked {
+                if let Some(tmp) = copy_to {
                     write_all_at(tmp.file.as_fd(), chunk, offset)
                         .with_context(|| format!("writing object tmpfile at offset {offset}"))?;
                 }
@@ -398,28 +461,20 @@ impl Repository {
         })();
         self.give_buffer(buf);
         r?;
-        if reflinked {
-            // The clone took whatever the source held at that moment; make sure it is what
-            // was hashed, at least by size (the kernel digest check below catches the rest
-            // where fs-verity exists).
-            let now = rustix::fs::fstat(&tmp.file).context("inspecting the reflinked object")?;
-            ensure!(
-                now.st_size as u64 == size,
-                "the source file changed size while it was imported ({} bytes cloned, {size} \
-                 hashed)",
-                now.st_size
-            );
-        }
-        let id = hasher.finish();
-        let method = self.commit_tmp_object(tmp, &id, size)?;
-        Ok((
-            id,
-            match method {
-                StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
-                _ if reflinked => StoreMethod::Reflinked,
-                m => m,
-            },
-        ))
+        Ok(hasher.finish())
+    }
+
+    /// The clone took whatever the source held at that moment; make sure it is what was
+    /// hashed, at least by size (the kernel digest check catches the rest where fs-verity
+    /// exists).
+    fn check_clone_size(&self, tmp: &TmpObject, size: u64) -> anyhow::Result<()> {
+        let now = rustix::fs::fstat(&tmp.file).context("inspecting the reflinked object")?;
+        ensure!(
+            now.st_size as u64 == size,
+            "the source file changed size while it was imported ({} bytes cloned, {size} hashed)",
+            now.st_size
+        );
+        Ok(())
     }
 
     /// `FICLONE` `src` into `tmp`, unless this source device is known not to support it.
