@@ -92,6 +92,19 @@ pub struct Proxy {
 /// kernel's own sequential readahead takes over beyond this.
 pub const DEFAULT_READAHEAD: u64 = 2 << 20;
 
+/// How many received bodies ahead of the consumer are being read ahead: enough to keep the
+/// disk busy while one body is hashed, few enough that readahead never floods the device
+/// queue or the page cache (at most `READAHEAD_FILES × readahead` bytes in flight).
+const READAHEAD_FILES: usize = 8;
+
+/// Ask the kernel to start reading the first `len` bytes of `fd`. Only advice: errors (a
+/// filesystem without readahead) change nothing.
+fn advise_willneed(fd: &OwnedFd, len: u64) {
+    if let Some(len) = std::num::NonZeroU64::new(len) {
+        let _ = rustix::fs::fadvise(fd, 0, Some(len), rustix::fs::Advice::WillNeed);
+    }
+}
+
 #[derive(Debug, Default)]
 struct StderrTail {
     bytes: VecDeque<u8>,
@@ -519,6 +532,10 @@ impl LayerStream<'_> {
             }
         }
         let (fd, crc64) = self.fds.pop_front().expect("checked non-empty");
+        // Keep the readahead window READAHEAD_FILES bodies ahead of the consumer.
+        if let Some((next, _)) = self.fds.get(READAHEAD_FILES - 1) {
+            advise_willneed(next, self.proxy.readahead);
+        }
         // The n-th reference must be the n-th fd received (the reader checks the order of indices).
         if let Err(e) = stream::check_file_fd(fd.as_fd(), index, size, offset) {
             return Err(self.fail(anyhow::Error::new(e)));
@@ -543,11 +560,8 @@ impl LayerStream<'_> {
             );
         }
         for (fd, crc) in fds.into_iter().zip(r.crc64) {
-            if let Some(len) = std::num::NonZeroU64::new(self.proxy.readahead) {
-                // Start reading the body now, so it is cached by the time the consumer gets to
-                // it: on a cold cache this overlaps the disk with hashing. Only advice; errors
-                // (e.g. a filesystem without readahead) change nothing.
-                let _ = rustix::fs::fadvise(&fd, 0, Some(len), rustix::fs::Advice::WillNeed);
+            if self.fds.len() < READAHEAD_FILES {
+                advise_willneed(&fd, self.proxy.readahead);
             }
             let crc = match crc {
                 Some(hex) => Some(

@@ -179,6 +179,9 @@ pub fn pull(
         });
         streams.push(present);
     }
+    // Largest first: the biggest layer bounds the wall time, so it must not start last
+    // (longest-processing-time-first scheduling over the workers).
+    todo.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].size.unwrap_or(0)));
     progress.image(&image.layers, todo.len());
 
     let threshold = opts
