@@ -463,6 +463,7 @@ mod tests {
         out.push(b'\n');
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn header(
         name: &[u8],
         kind: u8,

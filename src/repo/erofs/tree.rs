@@ -95,6 +95,12 @@ pub(crate) enum Item<'a> {
     Fifo,
 }
 
+/// One stored xattr (name, value).
+pub(super) type OwnedXattr = (Box<[u8]>, Box<[u8]>);
+
+/// A deduplicated set of xattrs, sorted by name.
+pub(super) type XattrSet = Box<[OwnedXattr]>;
+
 /// One xattr as the tar gave it.
 pub(crate) type XattrPair<'a> = (&'a [u8], &'a [u8]);
 
@@ -108,14 +114,14 @@ pub(crate) struct Tree {
     pub(super) objects: Vec<u8>,
     pub(super) digest_len: usize,
     /// Distinct xattr sets (name, value) sorted by name; set 0 is empty.
-    pub(super) xattr_sets: Vec<Box<[(Box<[u8]>, Box<[u8]>)]>>,
-    xattr_index: HashMap<Box<[(Box<[u8]>, Box<[u8]>)]>, u32>,
+    pub(super) xattr_sets: Vec<XattrSet>,
+    xattr_index: HashMap<XattrSet, u32>,
 }
 
 impl Tree {
     /// An empty tree whose root has composefs's "uninitialized" metadata (all zero).
     pub(crate) fn new(digest_len: usize) -> Tree {
-        let empty: Box<[(Box<[u8]>, Box<[u8]>)]> = Box::new([]);
+        let empty: XattrSet = Box::new([]);
         let mut xattr_index = HashMap::new();
         xattr_index.insert(empty.clone(), 0);
         Tree {
@@ -156,7 +162,7 @@ impl Tree {
     /// Intern the xattrs the OCI transform keeps (it drops all others from every inode, so
     /// dropping them on the way in is the same).
     pub(crate) fn intern_xattrs(&mut self, xattrs: &[XattrPair<'_>]) -> u32 {
-        let mut kept: Vec<(Box<[u8]>, Box<[u8]>)> = xattrs
+        let mut kept: Vec<OwnedXattr> = xattrs
             .iter()
             .filter(|(k, _)| *k == KEPT_XATTR)
             .map(|(k, v)| (Box::from(*k), Box::from(*v)))
@@ -377,7 +383,7 @@ impl Tree {
     /// `security.selinux` xattr.
     pub(super) fn add_overlay_whiteouts(&mut self) {
         let root = self.dirs[0].meta;
-        let selinux: Vec<(Box<[u8]>, Box<[u8]>)> = self.xattr_sets[root.xattrs as usize]
+        let selinux: Vec<OwnedXattr> = self.xattr_sets[root.xattrs as usize]
             .iter()
             .filter(|(k, _)| &**k == b"security.selinux")
             .cloned()

@@ -108,6 +108,9 @@ enum XRef {
     Redir(u32),
 }
 
+/// Identity of a stored xattr: (prefix index, suffix, value).
+type PlainKey = (u8, Box<[u8]>, Box<[u8]>);
+
 struct Plain {
     prefix: u8,
     suffix: Box<[u8]>,
@@ -306,7 +309,7 @@ pub(crate) fn mkfs_v1(tree: &mut Tree, kernel_id: u8) -> Result<Vec<u8>, Unsuppo
 impl<'t> Writer<'t> {
     fn new(tree: &'t Tree, kernel_id: u8) -> Result<Self, Unsupported> {
         let mut plains = Vec::new();
-        let mut index: HashMap<(u8, Box<[u8]>, Box<[u8]>), u32> = HashMap::new();
+        let mut index: HashMap<PlainKey, u32> = HashMap::new();
         let mut intern = |name: &[u8], value: &[u8]| -> u32 {
             let (prefix, suffix) = split_name(name);
             let key = (prefix, Box::<[u8]>::from(suffix), Box::<[u8]>::from(value));
@@ -951,10 +954,12 @@ impl<'t> Writer<'t> {
                 out.zeros(p);
             }
         }
-        if chunk_based && leaf_lay.tail == 0 && leaf_lay.blocks > 0 {
-            if let Some(p) = to_boundary(out.pos) {
-                out.zeros(p);
-            }
+        if chunk_based
+            && leaf_lay.tail == 0
+            && leaf_lay.blocks > 0
+            && let Some(p) = to_boundary(out.pos)
+        {
+            out.zeros(p);
         }
         if chunk_based
             && leaf_lay.tail > 0
