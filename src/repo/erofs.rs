@@ -35,6 +35,11 @@ use super::splitstream::{Body, SplitStreamReader};
 use super::tar::{BLOCK, INLINE_CONTENT_MAX};
 use super::{HashAlg, ObjectId, Repository};
 
+mod tree;
+mod writer;
+
+use tree::{Item as TreeItem, Meta, Tree};
+
 /// Why an image could not be built, in words for the user.
 type Skip = String;
 
@@ -61,15 +66,77 @@ pub(crate) fn build_images(
     layers: &[ObjectId],
     versions: &[u8],
 ) -> anyhow::Result<Result<Images, Skip>> {
-    let r = match repo.algorithm() {
-        HashAlg::Sha256 => build::<Sha256HashValue>(repo, layers, versions),
-        HashAlg::Sha512 => build::<Sha512HashValue>(repo, layers, versions),
+    let r = if versions.iter().all(|&v| v == 1) {
+        match build_compact(repo, layers) {
+            Ok(Ok(image)) => Ok(versions.iter().map(|&v| (v, image.clone())).collect()),
+            // composefs decides these (and words the reason when it fails too).
+            Ok(Err(_unsupported)) => build_composefs(repo, layers, versions),
+            Err(e) => Err(e),
+        }
+    } else {
+        build_composefs(repo, layers, versions)
     };
     match r {
         Ok(images) => Ok(Ok(images)),
         Err(BuildError::Skip(reason)) => Ok(Err(reason)),
         Err(BuildError::Fatal(e)) => Err(e),
     }
+}
+
+/// composefs-rs's own tree and writer: the reference, used for what the compact path
+/// does not handle (format V2, paths composefs rejects, ...).
+fn build_composefs(
+    repo: &Repository,
+    layers: &[ObjectId],
+    versions: &[u8],
+) -> Result<Images, BuildError> {
+    match repo.algorithm() {
+        HashAlg::Sha256 => build::<Sha256HashValue>(repo, layers, versions),
+        HashAlg::Sha512 => build::<Sha512HashValue>(repo, layers, versions),
+    }
+}
+
+/// The compact tree and our own V1 writer. `Ok(Err(_))` when composefs should decide.
+fn build_compact(
+    repo: &Repository,
+    layers: &[ObjectId],
+) -> Result<Result<Box<[u8]>, tree::Unsupported>, BuildError> {
+    let alg = repo.algorithm();
+    let mut tree = Tree::new(alg.digest_len());
+    for (n, layer) in layers.iter().enumerate() {
+        let mut reader = SplitStreamReader::open(repo, layer, Some(LAYER_CONTENT_TYPE))?;
+        while let Some(raw) =
+            next_raw(&mut reader).map_err(|e| prefix(e, &format!("layer {n} (stream {layer})")))?
+        {
+            let xattrs: Vec<tree::XattrPair<'_>> =
+                raw.xattrs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+            let meta = Meta {
+                mode: raw.mode,
+                uid: raw.uid,
+                gid: raw.gid,
+                mtime: raw.mtime,
+                nsec: raw.nsec,
+                xattrs: tree.intern_xattrs(&xattrs),
+            };
+            let item = match &raw.item {
+                RawItem::Directory => TreeItem::Directory,
+                RawItem::Inline(b) => TreeItem::Inline(b),
+                RawItem::External(id, size) => TreeItem::External(id.as_bytes(), *size),
+                RawItem::Symlink(t) => TreeItem::Symlink(t),
+                RawItem::Hardlink(t) => TreeItem::Hardlink(t),
+                RawItem::Chr(d) => TreeItem::Chr(*d),
+                RawItem::Blk(d) => TreeItem::Blk(*d),
+                RawItem::Fifo => TreeItem::Fifo,
+            };
+            if let Err(u) = tree.apply(&raw.path, meta, item) {
+                return Ok(Err(u));
+            }
+        }
+    }
+    if let Err(u) = tree.transform_for_oci() {
+        return Ok(Err(u));
+    }
+    Ok(writer::mkfs_v1(&mut tree, alg.kernel_id()).map(Vec::into_boxed_slice))
 }
 
 fn build<H: FsVerityHashValue>(
@@ -161,10 +228,76 @@ fn pax_mtime_nsec(pax: &[u8]) -> u32 {
     0
 }
 
-/// The next entry of a layer stream, or `None` at its end.
+/// What a tar entry carries, parsed once for both tree builders.
+enum RawItem {
+    Directory,
+    Inline(Vec<u8>),
+    External(ObjectId, u64),
+    /// Tar link target, as given.
+    Hardlink(Vec<u8>),
+    Symlink(Vec<u8>),
+    Chr(u64),
+    Blk(u64),
+    Fifo,
+}
+
+struct RawEntry {
+    /// Tar path, as given.
+    path: Vec<u8>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    nsec: u32,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    item: RawItem,
+}
+
+/// The next entry of a layer stream for composefs's tree, or `None` at its end.
 fn next_entry<H: FsVerityHashValue>(
     reader: &mut SplitStreamReader,
 ) -> Result<Option<Entry<H>>, BuildError> {
+    let Some(raw) = next_raw(reader)? else {
+        return Ok(None);
+    };
+    let item = match raw.item {
+        RawItem::Directory => Item::Directory,
+        RawItem::Inline(b) => Item::Leaf(LeafContent::Regular(RegularFile::Inline(
+            b.into_boxed_slice(),
+        ))),
+        RawItem::External(id, size) => {
+            let h = H::from_hex(id.to_string())
+                .map_err(|e| BuildError::Fatal(anyhow::anyhow!("object id {id}: {e}")))?;
+            Item::Leaf(LeafContent::Regular(RegularFile::External(h, size)))
+        }
+        RawItem::Hardlink(t) => Item::Hardlink(absolute_path(&t).into_os_string()),
+        RawItem::Symlink(t) => Item::Leaf(LeafContent::Symlink(Box::from(OsStr::from_bytes(&t)))),
+        RawItem::Chr(d) => Item::Leaf(LeafContent::CharacterDevice(d)),
+        RawItem::Blk(d) => Item::Leaf(LeafContent::BlockDevice(d)),
+        RawItem::Fifo => Item::Leaf(LeafContent::Fifo),
+    };
+    let xattrs = raw
+        .xattrs
+        .into_iter()
+        .map(|(k, v)| (Box::from(OsStr::from_bytes(&k)), v.into_boxed_slice()))
+        .collect();
+    let stat = Stat {
+        st_uid: raw.uid,
+        st_gid: raw.gid,
+        st_mode: raw.mode,
+        st_mtim_sec: raw.mtime,
+        st_mtim_nsec: raw.nsec,
+        xattrs,
+    };
+    Ok(Some(Entry {
+        path: absolute_path(&raw.path),
+        stat,
+        item,
+    }))
+}
+
+/// The next entry of a layer stream, or `None` at its end.
+fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry>, BuildError> {
     let mut parser = Parser::with_defaults();
     let mut header = Vec::new();
     let mut block = [0u8; BLOCK];
@@ -193,6 +326,7 @@ fn next_entry<H: FsVerityHashValue>(
                     let padded = size.next_multiple_of(BLOCK as u64);
                     let path = absolute_path(&entry.path);
                     let skip = |what: String| BuildError::Skip(format!("{path:?}: {what}"));
+                    let raw_path = entry.path.to_vec();
                     let link_target = entry.link_target.as_deref().unwrap_or_default();
                     let item = match reader.read_body(size, padded)? {
                         Body::External(id) => match entry.entry_type {
@@ -202,15 +336,12 @@ fn next_entry<H: FsVerityHashValue>(
                                         "a {size}-byte file stored externally"
                                     )));
                                 }
-                                let h = H::from_hex(id.to_string()).map_err(|e| {
-                                    BuildError::Fatal(anyhow::anyhow!("object id {id}: {e}"))
-                                })?;
-                                Item::Leaf(LeafContent::Regular(RegularFile::External(h, size)))
+                                RawItem::External(id, size)
                             }
                             t => return Err(skip(format!("{t:?} entry with an external body"))),
                         },
                         Body::Inline(content) => match entry.entry_type {
-                            EntryType::Directory => Item::Directory,
+                            EntryType::Directory => RawItem::Directory,
                             EntryType::Regular | EntryType::Continuous => {
                                 if content.len() as u64 > INLINE_CONTENT_MAX {
                                     return Err(skip(format!(
@@ -218,16 +349,10 @@ fn next_entry<H: FsVerityHashValue>(
                                         content.len()
                                     )));
                                 }
-                                Item::Leaf(LeafContent::Regular(RegularFile::Inline(
-                                    content.into_boxed_slice(),
-                                )))
+                                RawItem::Inline(content)
                             }
-                            EntryType::Link => {
-                                Item::Hardlink(absolute_path(link_target).into_os_string())
-                            }
-                            EntryType::Symlink => Item::Leaf(LeafContent::Symlink(Box::from(
-                                OsStr::from_bytes(link_target),
-                            ))),
+                            EntryType::Link => RawItem::Hardlink(link_target.to_vec()),
+                            EntryType::Symlink => RawItem::Symlink(link_target.to_vec()),
                             EntryType::Block | EntryType::Char => {
                                 let (Some(major), Some(minor)) = (entry.dev_major, entry.dev_minor)
                                 else {
@@ -235,29 +360,30 @@ fn next_entry<H: FsVerityHashValue>(
                                 };
                                 let dev = rustix::fs::makedev(major, minor);
                                 if entry.entry_type == EntryType::Block {
-                                    Item::Leaf(LeafContent::BlockDevice(dev))
+                                    RawItem::Blk(dev)
                                 } else {
-                                    Item::Leaf(LeafContent::CharacterDevice(dev))
+                                    RawItem::Chr(dev)
                                 }
                             }
-                            EntryType::Fifo => Item::Leaf(LeafContent::Fifo),
+                            EntryType::Fifo => RawItem::Fifo,
                             t => return Err(skip(format!("unsupported entry type {t:?}"))),
                         },
                     };
                     let xattrs = entry
                         .xattrs
                         .iter()
-                        .map(|(k, v)| (Box::from(OsStr::from_bytes(k)), Box::from(v.as_ref())))
+                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
                         .collect();
-                    let stat = Stat {
-                        st_uid: entry.uid as u32,
-                        st_gid: entry.gid as u32,
-                        st_mode: entry.mode,
-                        st_mtim_sec: entry.mtime as i64,
-                        st_mtim_nsec: entry.pax.map_or(0, pax_mtime_nsec),
+                    return Ok(Some(RawEntry {
+                        path: raw_path,
+                        mode: entry.mode,
+                        uid: entry.uid as u32,
+                        gid: entry.gid as u32,
+                        mtime: entry.mtime as i64,
+                        nsec: entry.pax.map_or(0, pax_mtime_nsec),
                         xattrs,
-                    };
-                    return Ok(Some(Entry { path, stat, item }));
+                        item,
+                    }));
                 }
             }
         }
@@ -297,6 +423,303 @@ fn process_entry<H: FsVerityHashValue>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A PAX tar entry: (path, type flag, mode, uid, mtime "sec[.frac]", link, body, xattrs,
+    /// device numbers).
+    struct T<'a> {
+        path: &'a str,
+        kind: u8,
+        mode: u32,
+        uid: u64,
+        mtime: &'a str,
+        link: &'a str,
+        body: &'a [u8],
+        xattrs: &'a [(&'a str, &'a [u8])],
+        dev: (u32, u32),
+    }
+
+    fn t<'a>(path: &'a str, kind: u8) -> T<'a> {
+        T {
+            path,
+            kind,
+            mode: 0o755,
+            uid: 0,
+            mtime: "1700000000",
+            link: "",
+            body: b"",
+            xattrs: &[],
+            dev: (0, 0),
+        }
+    }
+
+    fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
+        let base = key.len() + value.len() + 3;
+        let mut len = base + 1;
+        while len != base + len.to_string().len() {
+            len = base + len.to_string().len();
+        }
+        out.extend_from_slice(format!("{len} {key}=").as_bytes());
+        out.extend_from_slice(value);
+        out.push(b'\n');
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn header(
+        name: &[u8],
+        kind: u8,
+        mode: u32,
+        uid: u64,
+        size: u64,
+        mtime: u64,
+        link: &[u8],
+        dev: (u32, u32),
+    ) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        let n = name.len().min(99);
+        h[..n].copy_from_slice(&name[..n]);
+        let oct = |h: &mut [u8; 512], at: usize, len: usize, v: u64| {
+            let s = format!("{:0w$o}", v, w = len - 1);
+            h[at..at + len - 1].copy_from_slice(&s.as_bytes()[s.len() - (len - 1)..]);
+        };
+        oct(&mut h, 100, 8, u64::from(mode));
+        oct(&mut h, 108, 8, uid.min(0o7777777));
+        oct(&mut h, 116, 8, 0);
+        oct(&mut h, 124, 12, size);
+        oct(&mut h, 136, 12, mtime);
+        h[156] = kind;
+        let l = link.len().min(99);
+        h[157..157 + l].copy_from_slice(&link[..l]);
+        h[257..263].copy_from_slice(b"ustar\0");
+        h[263..265].copy_from_slice(b"00");
+        oct(&mut h, 329, 8, u64::from(dev.0));
+        oct(&mut h, 337, 8, u64::from(dev.1));
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u64 = h.iter().map(|&b| u64::from(b)).sum();
+        let s = format!("{sum:06o}\0 ");
+        h[148..156].copy_from_slice(s.as_bytes());
+        h
+    }
+
+    fn tar(entries: &[T<'_>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for e in entries {
+            let mut pax = Vec::new();
+            pax_record(&mut pax, "path", e.path.as_bytes());
+            if !e.link.is_empty() {
+                pax_record(&mut pax, "linkpath", e.link.as_bytes());
+            }
+            pax_record(&mut pax, "uid", e.uid.to_string().as_bytes());
+            pax_record(&mut pax, "mtime", e.mtime.as_bytes());
+            for (k, v) in e.xattrs {
+                pax_record(&mut pax, &format!("SCHILY.xattr.{k}"), v);
+            }
+            out.extend_from_slice(&header(
+                b"pax",
+                b'x',
+                0o644,
+                0,
+                pax.len() as u64,
+                0,
+                b"",
+                (0, 0),
+            ));
+            out.extend_from_slice(&pax);
+            out.resize(out.len().next_multiple_of(512), 0);
+            let sec: u64 = e.mtime.split('.').next().unwrap().parse().unwrap();
+            out.extend_from_slice(&header(
+                e.path.as_bytes(),
+                e.kind,
+                e.mode,
+                e.uid,
+                e.body.len() as u64,
+                sec,
+                e.link.as_bytes(),
+                e.dev,
+            ));
+            out.extend_from_slice(e.body);
+            out.resize(out.len().next_multiple_of(512), 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    fn import(repo: &Repository, tar: &[u8]) -> ObjectId {
+        use sha2::Digest;
+        let mut imp = super::super::LayerImporter::new(repo).unwrap();
+        imp.inline(tar).unwrap();
+        imp.finish(&format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(tar))
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn compact_writer_matches_composefs_byte_for_byte() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo = Repository::open_or_create(&tmp.path().join("repo"), None).unwrap();
+        let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        let other: Vec<u8> = vec![7u8; 70_000];
+        let cap: &[u8] =
+            b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
+        let long_name = format!("usr/{}", "n".repeat(200));
+        let long_target = "t".repeat(4090);
+        let many: Vec<String> = (0..400)
+            .map(|i| format!("big/entry-with-a-longish-name-{i:05}"))
+            .collect();
+        let x_tool: [(&str, &[u8]); 2] = [("security.capability", cap), ("user.foo", b"bar")];
+        let x_etc: [(&str, &[u8]); 2] = [("user.dir", b"1"), ("security.capability", cap)];
+        let x_kept: [(&str, &[u8]); 1] = [("security.capability", cap)];
+        let mut l1 = vec![
+            t("./", b'5'),
+            t("usr/", b'5'),
+            T {
+                mtime: "1600000000.25",
+                ..t("usr/bin/", b'5')
+            },
+            T {
+                body: &big,
+                xattrs: &x_tool,
+                ..t("usr/bin/tool", b'0')
+            },
+            T {
+                link: "usr/bin/tool",
+                ..t("usr/bin/tool2", b'1')
+            },
+            T {
+                body: &big,
+                mode: 0o4755,
+                ..t("usr/bin/copy", b'0')
+            },
+            T {
+                body: &other,
+                uid: 100_000,
+                mtime: "1700000001.123456789",
+                ..t("usr/bin/large-uid", b'0')
+            },
+            T {
+                link: "tool",
+                ..t("usr/bin/sym", b'2')
+            },
+            T {
+                link: &long_target,
+                ..t("usr/bin/longsym", b'2')
+            },
+            T {
+                body: b"tiny\n",
+                mode: 0o644,
+                ..t(&long_name, b'0')
+            },
+            T {
+                mode: 0o644,
+                ..t("usr/empty", b'0')
+            },
+            t("dev/", b'5'),
+            T {
+                dev: (1, 3),
+                ..t("dev/null", b'3')
+            },
+            T {
+                dev: (8, 1),
+                ..t("dev/sda1", b'4')
+            },
+            T {
+                dev: (0, 0),
+                ..t("dev/wh", b'3')
+            },
+            t("dev/fifo", b'6'),
+            t("a/", b'5'),
+            t("a/deep/", b'5'),
+            T {
+                body: b"shared by a hardlink",
+                ..t("a/deep/x", b'0')
+            },
+            t("b/", b'5'),
+            T {
+                link: "a/deep/x",
+                ..t("b/y", b'1')
+            },
+            T {
+                xattrs: &x_etc,
+                ..t("etc/", b'5')
+            },
+            T {
+                body: b"deleted by layer 2\n",
+                ..t("etc/gone", b'0')
+            },
+            T {
+                body: b"kept\n",
+                xattrs: &x_kept,
+                ..t("etc/kept", b'0')
+            },
+            t("opt/", b'5'),
+            T {
+                body: b"hidden by opaque\n",
+                ..t("opt/old", b'0')
+            },
+            t("run/", b'5'),
+            T {
+                body: b"cleared\n",
+                ..t("run/x", b'0')
+            },
+            t("big/", b'5'),
+        ];
+        for name in &many {
+            l1.push(T {
+                body: b"m",
+                ..t(name, b'0')
+            });
+        }
+        let l2 = vec![
+            T {
+                mtime: "1800000000",
+                mode: 0o700,
+                ..t("usr/", b'5')
+            },
+            T {
+                mode: 0o644,
+                ..t("etc/.wh.gone", b'0')
+            },
+            T {
+                mode: 0o644,
+                ..t("opt/.wh..wh..opq", b'0')
+            },
+            T {
+                body: b"new\n",
+                ..t("opt/new", b'0')
+            },
+            T {
+                body: &big,
+                ..t("opt/again", b'0')
+            },
+        ];
+        let layers = [import(&repo, &tar(&l1)), import(&repo, &tar(&l2))];
+        let ours = match build_compact(&repo, &layers) {
+            Ok(Ok(image)) => image,
+            Ok(Err(u)) => panic!("compact writer declined: {}", u.0),
+            Err(_) => panic!("compact build failed"),
+        };
+        let theirs = match build_composefs(&repo, &layers, &[1]) {
+            Ok(mut images) => images.remove(0).1,
+            Err(BuildError::Skip(s)) => panic!("composefs skipped: {s}"),
+            Err(BuildError::Fatal(e)) => panic!("{e:#}"),
+        };
+        assert_eq!(ours.len(), theirs.len());
+        if let Some(at) = ours.iter().zip(theirs.iter()).position(|(a, b)| a != b) {
+            panic!("images differ first at byte {at} of {}", ours.len());
+        }
+    }
+
+    #[test]
+    fn xxh32_known_values() {
+        assert_eq!(writer::xxh32(b"", 0), 0x02CC_5D05);
+        assert_eq!(writer::xxh32(b"a", 0), 0x550D_7456);
+        assert_eq!(writer::xxh32(b"abc", 0), 0x32D1_53FF);
+        assert_eq!(
+            writer::xxh32(b"Nobody inspects the spammish repetition", 0),
+            0xE229_3B2F
+        );
+    }
 
     #[test]
     fn tar_paths_become_absolute() {
