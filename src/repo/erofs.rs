@@ -43,8 +43,17 @@ use tree::{Item as TreeItem, Meta, Tree};
 /// Why an image could not be built, in words for the user.
 type Skip = String;
 
-/// Built images: (EROFS format version, image bytes), in the order asked for.
-pub(crate) type Images = Vec<(u8, Box<[u8]>)>;
+/// Built images: (EROFS format version, image), in the order asked for.
+pub(crate) type Images = Vec<(u8, Image)>;
+
+/// One built image: bytes still to be stored, or already stored as an object (the compact
+/// writer streams its image straight into the repository).
+pub(crate) enum Image {
+    /// The image bytes (composefs's writer returns them whole).
+    Bytes(Box<[u8]>),
+    /// Already an object of the repository.
+    Stored(ObjectId),
+}
 
 /// An error while building: `Fatal` for our own I/O or a corrupt repository, `Skip` for
 /// content composefs 0.9.4 cannot represent.
@@ -68,7 +77,10 @@ pub(crate) fn build_images(
 ) -> anyhow::Result<Result<Images, Skip>> {
     let r = if versions.iter().all(|&v| v == 1) {
         match build_compact(repo, layers) {
-            Ok(Ok(image)) => Ok(versions.iter().map(|&v| (v, image.clone())).collect()),
+            Ok(Ok(id)) => Ok(versions
+                .iter()
+                .map(|&v| (v, Image::Stored(id.clone())))
+                .collect()),
             // composefs decides these (and words the reason when it fails too).
             Ok(Err(_unsupported)) => build_composefs(repo, layers, versions),
             Err(e) => Err(e),
@@ -100,7 +112,7 @@ fn build_composefs(
 fn build_compact(
     repo: &Repository,
     layers: &[ObjectId],
-) -> Result<Result<Box<[u8]>, tree::Unsupported>, BuildError> {
+) -> Result<Result<ObjectId, tree::Unsupported>, BuildError> {
     let alg = repo.algorithm();
     let mut tree = Tree::new(alg.digest_len());
     for (n, layer) in layers.iter().enumerate() {
@@ -136,7 +148,14 @@ fn build_compact(
     if let Err(u) = tree.transform_for_oci() {
         return Ok(Err(u));
     }
-    Ok(writer::mkfs_v1(&mut tree, alg.kernel_id()).map(Vec::into_boxed_slice))
+    let prepared = match writer::prepare_v1(&mut tree, alg.kernel_id()) {
+        Ok(p) => p,
+        Err(u) => return Ok(Err(u)),
+    };
+    let id = repo
+        .store_streamed(|sink| prepared.write_to(sink))
+        .map_err(|e| BuildError::Fatal(e.context("storing the EROFS image")))?;
+    Ok(Ok(id))
 }
 
 fn build<H: FsVerityHashValue>(
@@ -166,7 +185,7 @@ fn build<H: FsVerityHashValue>(
                 2 => FormatVersion::V2,
                 _ => FormatVersion::V1,
             };
-            (v, mkfs_erofs_versioned(&fs, version))
+            (v, Image::Bytes(mkfs_erofs_versioned(&fs, version)))
         })
         .collect())
 }
@@ -695,12 +714,20 @@ mod tests {
         ];
         let layers = [import(&repo, &tar(&l1)), import(&repo, &tar(&l2))];
         let ours = match build_compact(&repo, &layers) {
-            Ok(Ok(image)) => image,
+            Ok(Ok(id)) => {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut repo.open_object(&id).unwrap(), &mut bytes)
+                    .unwrap();
+                bytes
+            }
             Ok(Err(u)) => panic!("compact writer declined: {}", u.0),
             Err(_) => panic!("compact build failed"),
         };
         let theirs = match build_composefs(&repo, &layers, &[1]) {
-            Ok(mut images) => images.remove(0).1,
+            Ok(mut images) => match images.remove(0).1 {
+                Image::Bytes(b) => b,
+                Image::Stored(_) => panic!("composefs's writer returns bytes"),
+            },
             Err(BuildError::Skip(s)) => panic!("composefs skipped: {s}"),
             Err(BuildError::Fatal(e)) => panic!("{e:#}"),
         };

@@ -342,6 +342,53 @@ impl Repository {
         Ok(id)
     }
 
+    /// Store an object that `produce` writes front to back through the sink it is given
+    /// (an EROFS image, say): hashed and written as it comes, so nothing of it is held in
+    /// memory beyond one write buffer.
+    ///
+    /// # Errors
+    /// `produce` failed, or I/O errors.
+    pub(crate) fn store_streamed(
+        &self,
+        produce: impl FnOnce(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<u64>,
+    ) -> anyhow::Result<ObjectId> {
+        /// Write buffer of a streamed object: large writes, bounded memory.
+        const STREAM_BUF: usize = 1 << 20;
+        let tmp = self.create_tmp_object()?;
+        let mut hasher = FsVerityHasher::new(self.alg);
+        let mut buf: Vec<u8> = Vec::with_capacity(STREAM_BUF);
+        let mut offset = 0u64;
+        let file = tmp.file.as_fd();
+        let flush = |buf: &mut Vec<u8>, offset: &mut u64| -> std::io::Result<()> {
+            write_all_at(file, buf, *offset)?;
+            *offset += buf.len() as u64;
+            buf.clear();
+            Ok(())
+        };
+        let size = produce(&mut |b: &[u8]| {
+            hasher.update(b);
+            if buf.len() + b.len() > STREAM_BUF {
+                flush(&mut buf, &mut offset)?;
+            }
+            if b.len() >= STREAM_BUF {
+                write_all_at(file, b, offset)?;
+                offset += b.len() as u64;
+            } else {
+                buf.extend_from_slice(b);
+            }
+            Ok(())
+        })
+        .context("writing a streamed object")?;
+        flush(&mut buf, &mut offset).context("writing a streamed object")?;
+        ensure!(
+            size == offset,
+            "a streamed object reported {size} bytes but wrote {offset}"
+        );
+        let id = hasher.finish();
+        self.commit_tmp_object(tmp, &id, size)?;
+        Ok(id)
+    }
+
     /// Store a regular-file body of `size` bytes from `src` as an object.
     ///
     /// The data path is `FICLONE` (a reflink: no data copied) when source and repository share

@@ -530,10 +530,13 @@ fn build_erofs(repo: &Repository, layers: &[(String, ObjectId)]) -> anyhow::Resu
     match super::erofs::build_images(repo, &streams, &versions)? {
         Ok(images) => {
             let mut out = Vec::new();
-            for (version, bytes) in images {
-                let id = repo
-                    .store_bytes(&bytes)
-                    .with_context(|| format!("storing the EROFS image (format {version})"))?;
+            for (version, image) in images {
+                let id = match image {
+                    super::erofs::Image::Stored(id) => id,
+                    super::erofs::Image::Bytes(bytes) => repo
+                        .store_bytes(&bytes)
+                        .with_context(|| format!("storing the EROFS image (format {version})"))?,
+                };
                 out.push((version, id));
             }
             Ok((out, None))

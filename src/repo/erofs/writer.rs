@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::io;
 
 use super::tree::{Content, Meta, NONE, Target, Tree, Unsupported};
 
@@ -172,23 +173,35 @@ struct Layout {
     end: u64,
 }
 
-/// Where a pass writes: nowhere (measuring) or a buffer.
-struct Out {
+/// Where a pass writes: nowhere (measuring) or a sink (a buffer, or an object being stored).
+/// The first sink error is kept and later writes are dropped, so the layout code stays
+/// infallible; [`Prepared::write_to`] reports it.
+struct Out<'s> {
     pos: u64,
-    buf: Option<Vec<u8>>,
+    sink: Option<&'s mut Sink<'s>>,
+    err: Option<io::Error>,
 }
 
-impl Out {
+/// Receives an image's bytes in order.
+type Sink<'s> = dyn FnMut(&[u8]) -> io::Result<()> + 's;
+
+/// Zeros for padding, written in pieces of this size.
+static ZEROS: [u8; 4096] = [0; 4096];
+
+impl Out<'_> {
     fn write(&mut self, b: &[u8]) {
         self.pos += b.len() as u64;
-        if let Some(buf) = &mut self.buf {
-            buf.extend_from_slice(b);
+        if let (Some(sink), None) = (&mut self.sink, &self.err)
+            && let Err(e) = sink(b)
+        {
+            self.err = Some(e);
         }
     }
-    fn zeros(&mut self, n: u64) {
-        self.pos += n;
-        if let Some(buf) = &mut self.buf {
-            buf.resize(buf.len() + n as usize, 0);
+    fn zeros(&mut self, mut n: u64) {
+        while n > 0 {
+            let k = n.min(ZEROS.len() as u64) as usize;
+            self.write(&ZEROS[..k]);
+            n -= k as u64;
         }
     }
     fn pad(&mut self, to: u64) {
@@ -289,21 +302,47 @@ fn split_name(name: &[u8]) -> (u8, &[u8]) {
 }
 
 /// Build the V1 image of `tree` (after the OCI transform). Adds the whiteout stubs to it.
-pub(crate) fn mkfs_v1(tree: &mut Tree, kernel_id: u8) -> Result<Vec<u8>, Unsupported> {
+/// An image laid out and ready to be written: everything composefs could refuse has been
+/// checked, so writing can only fail in the sink.
+pub(crate) struct Prepared<'t> {
+    writer: Writer<'t>,
+    layout: Layout,
+}
+
+/// Lay out the V1 image of `tree` (measuring pass) without producing its bytes.
+pub(crate) fn prepare_v1(tree: &mut Tree, kernel_id: u8) -> Result<Prepared<'_>, Unsupported> {
     tree.add_overlay_whiteouts();
     let mut w = Writer::new(tree, kernel_id)?;
     w.collect()?;
     w.share_xattrs();
-    let mut measure = Out { pos: 0, buf: None };
+    let mut measure = Out {
+        pos: 0,
+        sink: None,
+        err: None,
+    };
     let mut layout = Layout::default();
     w.write(&mut measure, &mut layout, true);
-    let mut out = Out {
-        pos: 0,
-        buf: Some(Vec::with_capacity(layout.end as usize)),
-    };
-    w.write(&mut out, &mut layout, false);
-    debug_assert_eq!(out.pos, layout.end);
-    Ok(out.buf.unwrap_or_default())
+    Ok(Prepared { writer: w, layout })
+}
+
+impl Prepared<'_> {
+    /// Write the image front to back into `sink`; returns its size.
+    pub(crate) fn write_to(
+        mut self,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<u64> {
+        let mut out = Out {
+            pos: 0,
+            sink: Some(sink),
+            err: None,
+        };
+        self.writer.write(&mut out, &mut self.layout, false);
+        debug_assert_eq!(out.pos, self.layout.end);
+        match out.err {
+            Some(e) => Err(e),
+            None => Ok(out.pos),
+        }
+    }
 }
 
 impl<'t> Writer<'t> {
