@@ -80,6 +80,8 @@ pub struct Proxy {
     child: Child,
     pidfd: OwnedFd,
     stderr: Arc<Mutex<StderrTail>>,
+    /// Reads the helper's stderr; joined on drop so no thread or pipe outlives the proxy.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
     next_id: u64,
     fd_batch: u32,
     readahead: u64,
@@ -188,9 +190,10 @@ impl Proxy {
             }
         };
         let stderr = Arc::new(Mutex::new(StderrTail::default()));
+        let mut stderr_reader = None;
         if let Some(mut pipe) = child.stderr.take() {
             let tail = stderr.clone();
-            std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("helper-stderr".into())
                 .spawn(move || {
                     let mut buf = [0u8; 4096];
@@ -205,8 +208,15 @@ impl Proxy {
                         t.bytes.drain(..excess);
                     }
                     tail.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
-                })
-                .context("starting helper stderr reader")?;
+                });
+            match spawned {
+                Ok(handle) => stderr_reader = Some(handle),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(anyhow::Error::new(e).context("starting helper stderr reader"));
+                }
+            }
         }
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
@@ -219,6 +229,7 @@ impl Proxy {
             child,
             pidfd,
             stderr,
+            stderr_reader,
             next_id: 1,
             fd_batch,
             readahead: DEFAULT_READAHEAD,
@@ -433,6 +444,17 @@ impl Drop for Proxy {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        // The reader sees EOF once the helper is gone, unless something the helper started
+        // still holds its stderr; then it is left to finish on its own rather than block here.
+        if let Some(reader) = self.stderr_reader.take() {
+            let deadline = Instant::now() + STDERR_GRACE;
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
+        }
     }
 }
 
