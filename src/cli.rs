@@ -161,16 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn helper(socket_fd: i32, store: &str, parent_pid: Option<i32>) -> anyhow::Result<()> {
-    // A backstop only: the client kills and reaps us itself.
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .context("setting PR_SET_PDEATHSIG")?;
-    // The parent may have died before the line above: then no signal will ever come.
-    if let Some(pid) = parent_pid {
-        let ppid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
-        if ppid != Some(pid) {
-            bail!("parent process {pid} is gone");
-        }
-    }
+    splitfdstream::helper::tie_to_parent(parent_pid)?;
     let store = Store::parse_arg(store)?;
     let sock = crate::adopt_socket_fd(socket_fd)?;
     splitfdstream::helper::server::serve(sock, store)

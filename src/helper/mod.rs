@@ -115,6 +115,24 @@ pub fn open_backend(store: &Store) -> anyhow::Result<Box<dyn Backend>> {
     }
 }
 
+/// Make this helper process die with the client that spawned it (`PR_SET_PDEATHSIG`), and
+/// refuse to start if that client (`parent_pid`, as [`crate::client::Proxy::spawn`] passes it)
+/// is already gone: it may have died before the signal was armed, and then none would come.
+/// Only a backstop: the client kills and reaps its helper itself.
+///
+/// # Errors
+/// The signal cannot be armed, or the parent is gone.
+pub fn tie_to_parent(parent_pid: Option<i32>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .context("setting PR_SET_PDEATHSIG")?;
+    if let Some(pid) = parent_pid {
+        let ppid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
+        anyhow::ensure!(ppid == Some(pid), "parent process {pid} is gone");
+    }
+    Ok(())
+}
+
 /// Serve as a helper on the socket inherited as stdin, the way [`crate::client::Proxy::spawn`]
 /// starts helpers (`helper --socket-fd 0 --store STORE --parent-pid PID`). For programs that
 /// embed the library and are their own helper (see `examples/pull.rs`); needs no `unsafe`,
@@ -141,14 +159,7 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     let Some(store) = store else {
         bail!("helper needs --store")
     };
-    // A backstop only: the client kills and reaps its helper itself.
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-    if let Some(pid) = parent {
-        ensure!(
-            rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) == Some(pid),
-            "parent process {pid} is gone"
-        );
-    }
+    tie_to_parent(parent)?;
     let sock = std::io::stdin().as_fd().try_clone_to_owned()?;
     let st = rustix::fs::fstat(&sock)?;
     ensure!(
