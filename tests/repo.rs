@@ -11,6 +11,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+mod common;
+
+use common::tools::cfsctl;
 use sha2::{Digest, Sha256};
 use splitfdstream::repo::{
     HashAlg, LayerImporter, ObjectId, Repository, SplitStreamReader, StoreMethod, prepare_image,
@@ -19,21 +22,6 @@ use splitfdstream::repo::{
 
 // ---------------------------------------------------------------------------------------------
 // helpers
-
-fn cfsctl() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CFSCTL") {
-        return Some(PathBuf::from(p));
-    }
-    let default = Path::new("/var/cache/splitfdstream-ci/cfsctl/bin/cfsctl");
-    if default.exists() {
-        return Some(default.to_owned());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("cfsctl"))
-            .find(|p| p.exists())
-    })
-}
 
 macro_rules! need_cfsctl {
     () => {

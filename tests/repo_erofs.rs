@@ -10,23 +10,11 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::tools::cfsctl;
 use sha2::{Digest, Sha256};
 use splitfdstream::repo::{LayerImporter, Repository, prepare_image};
-
-fn cfsctl() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("CFSCTL") {
-        return Some(PathBuf::from(p));
-    }
-    let default = Path::new("/var/cache/splitfdstream-ci/cfsctl/bin/cfsctl");
-    if default.exists() {
-        return Some(default.to_owned());
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("cfsctl"))
-            .find(|p| p.exists())
-    })
-}
 
 fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
