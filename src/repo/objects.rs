@@ -204,6 +204,12 @@ impl Repository {
             cleanup(&tmp);
             return Ok(StoreMethod::AlreadyPresent);
         }
+        self.link_tmp_object(tmp, id)
+    }
+
+    /// [`Repository::commit_tmp_object`] for a caller that has just found no intact object
+    /// `id`: skips that check (a writer racing us is still caught, at `linkat`'s EEXIST).
+    fn link_tmp_object(&self, tmp: TmpObject, id: &ObjectId) -> anyhow::Result<StoreMethod> {
         let ctx = || format!("storing object {id}");
         // fs-verity refuses files with a writable fd open: reopen read-only, drop the writer.
         let ro: OwnedFd = match &tmp.name {
@@ -432,7 +438,7 @@ impl Repository {
             let tmp = self.create_tmp_object()?;
             if self.try_reflink(src, st.st_dev, &tmp)? {
                 self.check_clone_size(&tmp, size)?;
-                let method = self.commit_tmp_object(tmp, &id, size)?;
+                let method = self.link_tmp_object(tmp, &id)?;
                 return Ok((
                     id,
                     if method == StoreMethod::AlreadyPresent {
@@ -449,7 +455,7 @@ impl Repository {
                 copied == id,
                 "the source file changed while it was imported"
             );
-            let method = self.commit_tmp_object(tmp, &id, size)?;
+            let method = self.link_tmp_object(tmp, &id)?;
             return Ok((id, method));
         }
         let tmp = self.create_tmp_object()?;
