@@ -664,6 +664,52 @@ fn store_file_reuses_and_repairs_objects() {
     );
 }
 
+#[test]
+fn objects_link_with_and_without_cap_dac_read_search() {
+    // Objects are linked from their O_TMPFILE by `linkat(AT_EMPTY_PATH)`, which needs
+    // CAP_DAC_READ_SEARCH before Linux 6.10 (later kernels also allow it for a file the caller
+    // opened itself), and otherwise through /proc/self/fd. Capabilities are per thread, so a
+    // thread that drops the capability imports as an unprivileged user would, while the rest
+    // of the test binary keeps it. (The /proc fallback itself: unit test in repo::objects.)
+    let tmp = tempdir();
+    let sizes = [65usize, 4096, 40_000, 300_000];
+    let store_all = |dir: &Path| {
+        let repo = Repository::open_or_create(dir, Some(HashAlg::Sha512)).unwrap();
+        for (i, size) in sizes.iter().enumerate() {
+            let data: Vec<u8> = (0..*size).map(|j| (j * 31 + i) as u8).collect();
+            let fd = memfd_with(&data);
+            let (id, m) = repo
+                .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+                .unwrap();
+            assert_eq!(m, StoreMethod::Copied, "size {size}");
+            let stored = fs::read(dir.join("objects").join(id.object_path())).unwrap();
+            assert_eq!(stored, data, "size {size}");
+        }
+        repo.store_bytes(b"x".repeat(100).as_slice()).unwrap();
+    };
+    store_all(&tmp.path().join("with"));
+    check_objects(&tmp.path().join("with"), HashAlg::Sha512);
+    let without = tmp.path().join("without");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut caps = rustix::thread::capabilities(None).unwrap();
+            caps.effective
+                .remove(rustix::thread::CapabilitySet::DAC_READ_SEARCH);
+            rustix::thread::set_capabilities(None, caps).unwrap();
+            let now = rustix::thread::capabilities(None).unwrap();
+            assert!(
+                !now.effective
+                    .contains(rustix::thread::CapabilitySet::DAC_READ_SEARCH)
+            );
+            store_all(&without);
+        })
+        .join()
+        .unwrap();
+    });
+    check_objects(&without, HashAlg::Sha512);
+    assert_eq!(objects(&without).len(), sizes.len() + 1);
+}
+
 // ---------------------------------------------------------------------------------------------
 // OCI images
 

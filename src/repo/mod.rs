@@ -39,7 +39,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 
 use anyhow::{Context, bail, ensure};
 use rustix::fs::{AtFlags, FlockOperation, Mode, OFlags, StatVfsMountFlags};
@@ -154,8 +154,12 @@ impl ObjectId {
 
     /// `XX/<rest>`: the path below `objects/`.
     pub fn object_path(&self) -> String {
-        let hex = self.to_string();
-        format!("{}/{}", &hex[..2], &hex[2..])
+        let b = self.as_bytes();
+        let mut s = String::with_capacity(b.len() * 2 + 1);
+        push_hex(&mut s, &b[..1]);
+        s.push('/');
+        push_hex(&mut s, &b[1..]);
+        s
     }
 
     /// Parse the target of a `streams/` or `images/` symlink (`…/objects/XX/<rest>`).
@@ -180,10 +184,19 @@ impl ObjectId {
 
 impl std::fmt::Display for ObjectId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.as_bytes() {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let mut s = String::with_capacity(MAX_DIGEST_LEN * 2);
+        push_hex(&mut s, self.as_bytes());
+        f.write_str(&s)
+    }
+}
+
+/// Append `bytes` as lowercase hex. (Object names are formatted once or twice per file of an
+/// image; `write!("{:02x}")` per byte showed up in profiles.)
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
     }
 }
 
@@ -336,7 +349,22 @@ pub struct Repository {
     reflink_ok_from: Mutex<HashSet<u64>>,
     /// Reusable read buffers for [`Repository::store_file`].
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// `objects/` has been seen to lack fs-verity (insecure repositories only): objects are
+    /// then linked straight from their tmpfile, without the read-only reopen that enabling
+    /// fs-verity needs.
+    no_verity: AtomicBool,
+    /// Whether `linkat(fd, "", …, AT_EMPTY_PATH)` works here ([`LINK_UNKNOWN`], …): it needs
+    /// `CAP_DAC_READ_SEARCH`; otherwise tmpfiles are linked by their `/proc/self/fd` path,
+    /// which costs a path walk through procfs per object.
+    link_empty_path: AtomicU8,
 }
+
+/// [`Repository::link_empty_path`]: not tried yet.
+pub(crate) const LINK_UNKNOWN: u8 = 0;
+/// [`Repository::link_empty_path`]: works.
+pub(crate) const LINK_EMPTY_PATH: u8 = 1;
+/// [`Repository::link_empty_path`]: refused; use `/proc/self/fd/N`.
+pub(crate) const LINK_PROC_PATH: u8 = 2;
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -488,6 +516,8 @@ impl Repository {
             no_reflink_from: Mutex::new(HashSet::new()),
             reflink_ok_from: Mutex::new(HashSet::new()),
             buffers: Mutex::new(Vec::new()),
+            no_verity: AtomicBool::new(false),
+            link_empty_path: AtomicU8::new(LINK_UNKNOWN),
         })
     }
 

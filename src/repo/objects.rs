@@ -8,13 +8,17 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, bail, ensure};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::fsverity::{self, FsVerityHasher, KernelVerity};
-use super::{ObjectId, Repository, StoreMethod, proc_fd_path, tmp_name};
+use super::{
+    LINK_EMPTY_PATH, LINK_PROC_PATH, LINK_UNKNOWN, ObjectId, Repository, StoreMethod, proc_fd_path,
+    tmp_name,
+};
 
 /// Read size when hashing and copying a source file. Large enough that syscall overhead
 /// vanishes next to hashing, small enough to stay in L2/L3 while both hashes run over it.
@@ -211,6 +215,12 @@ impl Repository {
     /// `id`: skips that check (a writer racing us is still caught, at `linkat`'s EEXIST).
     fn link_tmp_object(&self, tmp: TmpObject, id: &ObjectId) -> anyhow::Result<StoreMethod> {
         let ctx = || format!("storing object {id}");
+        if tmp.name.is_none() && self.insecure && self.no_verity.load(Ordering::Relaxed) {
+            // Nothing to enable, so no read-only reopen: link the tmpfile as it is.
+            return self
+                .link_into_place(tmp.file.as_fd(), None, id)
+                .with_context(ctx);
+        }
         // fs-verity refuses files with a writable fd open: reopen read-only, drop the writer.
         let ro: OwnedFd = match &tmp.name {
             None => rustix::fs::open(
@@ -252,23 +262,29 @@ impl Repository {
                      was being imported"
                 );
             }
-            KernelVerity::Unsupported if self.insecure => {}
+            KernelVerity::Unsupported if self.insecure => {
+                self.no_verity.store(true, Ordering::Relaxed);
+            }
             KernelVerity::Unsupported => bail!(
                 "the filesystem has no fs-verity, but the repository requires it (its meta.json \
                  has fs-verity)"
             ),
         }
+        self.link_into_place(ro.as_fd(), name, id)
+    }
+
+    /// Give the finished object file `fd` (anonymous, or the tmp file `name`) its name.
+    fn link_into_place(
+        &self,
+        fd: BorrowedFd<'_>,
+        name: Option<&str>,
+        id: &ObjectId,
+    ) -> anyhow::Result<StoreMethod> {
         let path = id.object_path();
         let dir = &path[..2];
         for attempt in 0..2 {
             let r = match name {
-                None => rustix::fs::linkat(
-                    rustix::fs::CWD,
-                    proc_fd_path(ro.as_fd()).as_str(),
-                    &self.objects,
-                    path.as_str(),
-                    AtFlags::SYMLINK_FOLLOW,
-                ),
+                None => self.link_anonymous(fd, &path),
                 Some(name) => rustix::fs::renameat_with(
                     &self.objects,
                     name,
@@ -289,13 +305,13 @@ impl Repository {
                 }
                 Err(Errno::EXIST) => {
                     // A concurrent writer, or a damaged object we decided not to trust.
-                    if self.existing_object_ok(id, rustix::fs::fstat(ro)?.st_size as u64)? {
+                    if self.existing_object_ok(id, rustix::fs::fstat(fd)?.st_size as u64)? {
                         if let Some(name) = name {
                             let _ = rustix::fs::unlinkat(&self.objects, name, AtFlags::empty());
                         }
                         return Ok(StoreMethod::AlreadyPresent);
                     }
-                    return self.replace_object(ro, name, &path);
+                    return self.replace_object(fd, name, &path);
                 }
                 Err(e) => return Err(e).with_context(|| format!("linking objects/{path}")),
             }
@@ -303,10 +319,42 @@ impl Repository {
         bail!("objects/{dir} disappeared while linking objects/{path}")
     }
 
+    /// `linkat` the anonymous file `fd` to `objects/<path>`: by `AT_EMPTY_PATH` where we may
+    /// (no path walk), else through `/proc/self/fd`. `ENOENT` means the fan-out directory is
+    /// missing.
+    fn link_anonymous(&self, fd: BorrowedFd<'_>, path: &str) -> rustix::io::Result<()> {
+        let state = self.link_empty_path.load(Ordering::Relaxed);
+        if state != LINK_PROC_PATH {
+            match rustix::fs::linkat(fd, "", &self.objects, path, AtFlags::EMPTY_PATH) {
+                Ok(()) => {
+                    self.link_empty_path
+                        .store(LINK_EMPTY_PATH, Ordering::Relaxed);
+                    return Ok(());
+                }
+                // Without CAP_DAC_READ_SEARCH the kernel answers ENOENT, as it does for a
+                // missing directory: the /proc path below tells the two apart.
+                Err(Errno::NOENT) if state == LINK_UNKNOWN => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let r = rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_fd_path(fd).as_str(),
+            &self.objects,
+            path,
+            AtFlags::SYMLINK_FOLLOW,
+        );
+        if state == LINK_UNKNOWN && r.is_ok() {
+            self.link_empty_path
+                .store(LINK_PROC_PATH, Ordering::Relaxed);
+        }
+        r
+    }
+
     /// Atomically put `ro` in place of a damaged object at `path`.
     fn replace_object(
         &self,
-        ro: &OwnedFd,
+        ro: BorrowedFd<'_>,
         name: Option<&str>,
         path: &str,
     ) -> anyhow::Result<StoreMethod> {
@@ -317,7 +365,7 @@ impl Repository {
                 tmp = tmp_name(".tmp-object-");
                 rustix::fs::linkat(
                     rustix::fs::CWD,
-                    proc_fd_path(ro.as_fd()).as_str(),
+                    proc_fd_path(ro).as_str(),
                     &self.objects,
                     tmp.as_str(),
                     AtFlags::SYMLINK_FOLLOW,
@@ -561,5 +609,26 @@ impl Repository {
             // Anything else (EBADF: source not readable, …) shows up again when we read it.
             Err(_) => Ok(false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::HashAlg;
+
+    #[test]
+    fn proc_fd_links_when_empty_path_links_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let repo =
+            Repository::open_or_create(&tmp.path().join("r"), Some(HashAlg::Sha256)).unwrap();
+        // As after a kernel refused AT_EMPTY_PATH (before 6.10, without CAP_DAC_READ_SEARCH).
+        repo.link_empty_path
+            .store(LINK_PROC_PATH, Ordering::Relaxed);
+        let data = b"linked by its /proc/self/fd path".repeat(10);
+        let id = repo.store_bytes(&data).unwrap();
+        let stored = std::fs::read(tmp.path().join("r/objects").join(id.object_path())).unwrap();
+        assert_eq!(stored, data);
+        assert_eq!(repo.link_empty_path.load(Ordering::Relaxed), LINK_PROC_PATH);
     }
 }

@@ -678,7 +678,11 @@ impl<'t> Writer<'t> {
             }
             XRef::Redir(o) => {
                 let id = self.tree.object(o);
-                let v = format!("/{:02x}/{}", id[0], hex::encode(&id[1..]));
+                let mut v = String::with_capacity(2 * id.len() + 2);
+                v.push('/');
+                crate::repo::push_hex(&mut v, &id[..1]);
+                v.push('/');
+                crate::repo::push_hex(&mut v, &id[1..]);
                 (
                     TRUSTED,
                     Cow::Borrowed(REDIRECT_SUFFIX),
