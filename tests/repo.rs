@@ -16,8 +16,8 @@ mod common;
 use common::tools::cfsctl;
 use sha2::{Digest, Sha256};
 use splitfdstream::repo::{
-    HashAlg, LayerImporter, ObjectId, Repository, SplitStreamReader, StoreMethod, prepare_image,
-    publish_image, publish_layer,
+    BodyPool, HashAlg, LayerImporter, ObjectId, Repository, SplitStreamReader, StoreMethod,
+    prepare_image, publish_image, publish_layer, with_body_pool,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -231,11 +231,24 @@ enum Feed {
     Mixed,
     /// Bodies as the real files below this directory (names from the tar).
     Files,
+    /// Like `Mixed`, but the memfd bodies go through a `BodyPool` (stored by other threads,
+    /// entries written back in tar order).
+    Pooled,
 }
 
 /// Import `tar` via LayerImporter; returns the stream id and the store methods seen.
 fn import(
     repo: &Repository,
+    tar: &[u8],
+    feed: Feed,
+    src: Option<&Path>,
+) -> anyhow::Result<(ObjectId, Vec<Option<StoreMethod>>)> {
+    with_body_pool(repo, 3, |pool| import_with(repo, pool, tar, feed, src))
+}
+
+fn import_with(
+    repo: &Repository,
+    pool: &BodyPool<'_>,
     tar: &[u8],
     feed: Feed,
     src: Option<&Path>,
@@ -253,7 +266,7 @@ fn import(
             Piece::Body { range, name } => {
                 let data = &tar[range];
                 match feed {
-                    Feed::Mixed if i % 4 == 3 => {
+                    Feed::Mixed | Feed::Pooled if i % 4 == 3 => {
                         for c in data.chunks(10_000) {
                             imp.inline(c)?;
                         }
@@ -261,6 +274,11 @@ fn import(
                     Feed::Files => {
                         let f = fs::File::open(src.unwrap().join(&name)).unwrap();
                         methods.push(imp.file(f.as_fd(), data.len() as u64)?);
+                    }
+                    Feed::Pooled => {
+                        imp.file_pooled(memfd_with(data), data.len() as u64, pool)?;
+                        // How it was stored is only known later, in the stats.
+                        methods.push((data.len() > 64).then_some(StoreMethod::Copied));
                     }
                     _ => {
                         let fd = memfd_with(data);
@@ -443,6 +461,48 @@ fn layer_sha512_posix_memfds() {
 #[test]
 fn layer_sha256_gnu_mixed_inline_and_fds() {
     layer_roundtrip(HashAlg::Sha256, "gnu", Feed::Mixed);
+}
+
+#[test]
+fn layer_sha512_pooled_bodies_keep_tar_order() {
+    layer_roundtrip(HashAlg::Sha512, "posix", Feed::Pooled);
+}
+
+#[test]
+fn pooled_body_of_the_wrong_size_is_refused() {
+    let tmp = tempdir();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), Some(HashAlg::Sha256)).unwrap();
+    let src = tmp.path().join("src");
+    make_tree(&src, 3);
+    let tar = make_tar(&src, "posix");
+    let pieces = pieces(&tar);
+    let err = with_body_pool(&repo, 2, |pool| -> anyhow::Result<()> {
+        let mut imp = LayerImporter::new(&repo)?;
+        for piece in pieces {
+            match piece {
+                Piece::Inline(r) => imp.inline(&tar[r])?,
+                Piece::Body { range, .. } if range.len() > 64 => {
+                    // One byte short of what the header announces.
+                    let short = memfd_with(&tar[range.start..range.end - 1]);
+                    imp.file_pooled(short, range.len() as u64, pool)?;
+                }
+                Piece::Body { range, .. } => {
+                    imp.file_pooled(memfd_with(&tar[range.clone()]), range.len() as u64, pool)?
+                }
+            }
+        }
+        imp.finish(&sha256_digest(&tar)).map(drop)
+    })
+    .unwrap_err();
+    assert!(
+        format!("{err:#}").contains("is not a regular file of"),
+        "{err:#}"
+    );
+    assert!(
+        repo.has_stream(&format!("oci-layer-{}", sha256_digest(&tar)))
+            .unwrap()
+            .is_none()
+    );
 }
 
 /// A layer of only small files is one inline run larger than the writer keeps in memory: it

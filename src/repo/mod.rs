@@ -48,6 +48,7 @@ use rustix::io::Errno;
 mod fsverity;
 mod objects;
 pub mod oci;
+mod pool;
 mod splitstream;
 mod tar;
 
@@ -59,6 +60,7 @@ pub use oci::{
     ImportStats, LayerImporter, PreparedImage, PublishedImage, prepare_image, publish_image,
     publish_layer,
 };
+pub use pool::{BodyPool, with_body_pool};
 pub use splitstream::{Chunk, SplitStreamReader, SplitStreamWriter};
 
 /// The fs-verity hash of a repository: `fsverity-sha256-12` or `fsverity-sha512-12`.

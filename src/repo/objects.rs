@@ -527,6 +527,42 @@ impl Repository {
         ))
     }
 
+    /// Store a body whose bytes `data` were already read from `src` (by the caller, which
+    /// hashed the layer tar from them): the object is named from `data`, and made by
+    /// reflinking `src` where possible, else by writing `data`. `src` must be the regular
+    /// file of `data.len()` bytes on device `src_dev` (the caller checked it with `fstat`).
+    ///
+    /// # Errors
+    /// The source changed size since it was read, or I/O errors.
+    pub(crate) fn store_read_body(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        data: &[u8],
+    ) -> anyhow::Result<(ObjectId, StoreMethod)> {
+        let size = data.len() as u64;
+        let id = FsVerityHasher::digest(self.alg, data);
+        if self.existing_object_ok(&id, size)? {
+            return Ok((id, StoreMethod::AlreadyPresent));
+        }
+        let tmp = self.create_tmp_object()?;
+        if self.try_reflink(src, src_dev, &tmp)? {
+            self.check_clone_size(&tmp, size)?;
+            let method = self.link_tmp_object(tmp, &id)?;
+            return Ok((
+                id,
+                if method == StoreMethod::AlreadyPresent {
+                    method
+                } else {
+                    StoreMethod::Reflinked
+                },
+            ));
+        }
+        write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
+        let method = self.link_tmp_object(tmp, &id)?;
+        Ok((id, method))
+    }
+
     /// Read `src` once (`size` bytes) into the fs-verity hasher and `feed`, and into `copy_to`
     /// when given (the copy path: written from the same buffer).
     fn hash_source(

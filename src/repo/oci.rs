@@ -9,12 +9,15 @@
 //! Tags are `streams/refs/oci/<tag>` → `../../oci-manifest-<digest>`, with `%` → `%25` and
 //! `/` → `%2F`. EROFS images are linked as `images/<hex>`.
 
-use std::os::fd::BorrowedFd;
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::mpsc::{Receiver, TryRecvError};
 
 use anyhow::{Context, ensure};
 use sha2::Digest as _;
 
 use super::objects::{ObjectWriter, read_full_at};
+use super::pool::{BodyPool, Stored};
 use super::splitstream::SplitStreamWriter;
 use super::tar::{Region, TarTracker};
 use super::{ObjectId, Repository, StoreMethod, check_link_name};
@@ -38,6 +41,24 @@ const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+j
 /// Largest small-file body read into memory from an fd (bodies stored inline are ≤ 64 bytes
 /// for regular files; other entry types rarely carry data at all).
 const INLINE_BODY_READ_CHUNK: usize = 64 << 10;
+
+/// Largest body handed to the [`BodyPool`]: a pooled body is held in memory until its object
+/// is stored. Larger ones are stored by the importing thread itself, streamed (their hashing
+/// dwarfs the per-file costs that the pool spreads over cores).
+const POOL_MAX_BODY: u64 = 1 << 20;
+
+/// Most bytes of pooled bodies in flight per layer (bounds the importer's memory).
+const POOL_WINDOW_BYTES: u64 = 4 << 20;
+
+/// Most pooled bodies in flight per layer (bounds fds held and splitstream entries queued).
+const POOL_WINDOW_FILES: usize = 256;
+
+/// A splitstream entry that waits for an earlier body still being stored.
+enum Pending {
+    Inline(Vec<u8>),
+    Object(ObjectId, u64),
+    Storing { size: u64, reply: Receiver<Stored> },
+}
 
 /// What one layer import did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -89,6 +110,12 @@ pub struct LayerImporter<'r> {
     /// An external body arriving as inline bytes.
     body: Option<ObjectWriter<'r>>,
     stats: ImportStats,
+    /// Splitstream entries queued behind a pooled body, in tar order.
+    pending: VecDeque<Pending>,
+    /// Pooled bodies in flight and their bytes.
+    in_flight: (usize, u64),
+    /// Buffers for the next pooled bodies.
+    spare: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for LayerImporter<'_> {
@@ -113,7 +140,135 @@ impl<'r> LayerImporter<'r> {
             sha: sha2::Sha256::new(),
             body: None,
             stats: ImportStats::default(),
+            pending: VecDeque::new(),
+            in_flight: (0, 0),
+            spare: Vec::new(),
         })
+    }
+
+    /// Inline bytes for the splitstream, after whatever is queued.
+    fn emit_inline(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return self.writer.write_inline(data);
+        }
+        if let Some(Pending::Inline(v)) = self.pending.back_mut() {
+            v.extend_from_slice(data);
+        } else {
+            self.pending.push_back(Pending::Inline(data.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// An object reference for the splitstream, after whatever is queued.
+    fn emit_object(&mut self, id: ObjectId, size: u64) -> anyhow::Result<()> {
+        if self.pending.is_empty() {
+            return self.writer.write_external_sized(&id, size);
+        }
+        self.pending.push_back(Pending::Object(id, size));
+        Ok(())
+    }
+
+    /// Write queued entries whose bodies are stored: all of them when `wait`, else those
+    /// ready now; with `wait` and `until_files`, stop once at most that many bodies are in
+    /// flight.
+    fn settle(&mut self, wait: bool, until_files: usize) -> anyhow::Result<()> {
+        while let Some(front) = self.pending.front() {
+            if let Pending::Storing { reply, .. } = front {
+                if wait && self.in_flight.0 <= until_files {
+                    return Ok(());
+                }
+                let stored = if wait {
+                    reply
+                        .recv()
+                        .map_err(|_| anyhow::anyhow!("a body-storing thread died"))?
+                } else {
+                    match reply.try_recv() {
+                        Ok(s) => s,
+                        Err(TryRecvError::Empty) => return Ok(()),
+                        Err(TryRecvError::Disconnected) => {
+                            anyhow::bail!("a body-storing thread died")
+                        }
+                    }
+                };
+                let Some(Pending::Storing { size, .. }) = self.pending.pop_front() else {
+                    unreachable!("front was Storing")
+                };
+                self.in_flight.0 -= 1;
+                self.in_flight.1 -= size;
+                let Stored { result, data } = stored;
+                if self.spare.len() < POOL_WINDOW_FILES {
+                    self.spare.push(data);
+                }
+                let (id, method) = result?;
+                self.stats.count(method, size);
+                self.writer.write_external_sized(&id, size)?;
+                continue;
+            }
+            match self.pending.pop_front().expect("front exists") {
+                Pending::Inline(v) => self.writer.write_inline(&v)?,
+                Pending::Object(id, size) => self.writer.write_external_sized(&id, size)?,
+                Pending::Storing { .. } => unreachable!("handled above"),
+            }
+        }
+        Ok(())
+    }
+
+    /// [`file`](Self::file), with the body stored by `pool` while the importer goes on with
+    /// the tar (bodies up to 1 MiB; larger ones are stored here, streamed). The body is read
+    /// once, here, feeding the layer's sha256; its splitstream entry is written in tar order
+    /// when its object is stored. Errors of a pooled body surface at a later call or at
+    /// [`finish`](Self::finish).
+    ///
+    /// # Errors
+    /// As [`file`](Self::file); the pool belongs to another repository.
+    pub fn file_pooled(
+        &mut self,
+        fd: OwnedFd,
+        size: u64,
+        pool: &BodyPool<'_>,
+    ) -> anyhow::Result<()> {
+        ensure!(
+            std::ptr::eq(pool.repo(), self.repo),
+            "the body pool stores into another repository"
+        );
+        if size > POOL_MAX_BODY {
+            return self.file(fd.as_fd(), size).map(drop);
+        }
+        let at = self.tracker.offset();
+        let external = self.tracker.take_body(size)?;
+        self.stats.tar_bytes += size;
+        if !external {
+            return self.small_body(fd.as_fd(), at, size);
+        }
+        let st = rustix::fs::fstat(&fd)
+            .with_context(|| format!("inspecting the file body at tar offset {at}"))?;
+        ensure!(
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_size as u64 == size,
+            "the file for the body at tar offset {at} is not a regular file of {size} bytes \
+             (mode {:o}, {} bytes)",
+            st.st_mode,
+            st.st_size
+        );
+        let mut data = self.spare.pop().unwrap_or_default();
+        data.clear();
+        data.resize(size as usize, 0);
+        let n = read_full_at(fd.as_fd(), &mut data, 0)
+            .with_context(|| format!("reading the file body at tar offset {at}"))?;
+        ensure!(
+            n as u64 == size,
+            "the file for the body at tar offset {at} ended after {n} of {size} bytes"
+        );
+        self.sha.update(&data);
+        self.settle(true, POOL_WINDOW_FILES - 1)?;
+        while self.in_flight.0 > 0 && self.in_flight.1 + size > POOL_WINDOW_BYTES {
+            self.settle(true, self.in_flight.0 - 1)?;
+        }
+        let reply = pool.submit(fd, st.st_dev, data)?;
+        self.pending.push_back(Pending::Storing { size, reply });
+        self.in_flight.0 += 1;
+        self.in_flight.1 += size;
+        self.settle(false, 0)
     }
 
     /// The next bytes of the tar, verbatim.
@@ -129,7 +284,7 @@ impl<'r> LayerImporter<'r> {
             match region {
                 Region::Inline => {
                     self.stats.inline_bytes += n as u64;
-                    self.writer.write_inline(now)?;
+                    self.emit_inline(now)?;
                 }
                 Region::ExternalBody { size, first, last } => {
                     if first {
@@ -141,7 +296,7 @@ impl<'r> LayerImporter<'r> {
                         let body = self.body.take().expect("checked above");
                         let (id, method) = body.finish()?;
                         self.stats.count(method, size);
-                        self.writer.write_external_sized(&id, size)?;
+                        self.emit_object(id, size)?;
                     }
                 }
             }
@@ -159,41 +314,46 @@ impl<'r> LayerImporter<'r> {
         let at = self.tracker.offset();
         let external = self.tracker.take_body(size)?;
         self.stats.tar_bytes += size;
-        if external {
-            let sha = &mut self.sha;
-            let (id, method) = self
-                .repo
-                .store_file(fd, size, &mut |chunk| sha.update(chunk))
-                .with_context(|| format!("storing the file body at tar offset {at}"))?;
-            self.stats.count(method, size);
-            self.writer.write_external_sized(&id, size)?;
-            Ok(Some(method))
-        } else {
-            let st = rustix::fs::fstat(fd)
-                .with_context(|| format!("inspecting the file body at tar offset {at}"))?;
-            ensure!(
-                st.st_size as u64 == size,
-                "the file for the body at tar offset {at} has {} bytes, the header says {size}",
-                st.st_size
-            );
-            let mut buf = vec![0u8; (size as usize).min(INLINE_BODY_READ_CHUNK)];
-            let mut off = 0u64;
-            while off < size {
-                let want = (size - off).min(buf.len() as u64) as usize;
-                let n = read_full_at(fd, &mut buf[..want], off)
-                    .with_context(|| format!("reading the file body at tar offset {}", at + off))?;
-                ensure!(
-                    n == want,
-                    "the file for the body at tar offset {at} ended after {} of {size} bytes",
-                    off + n as u64
-                );
-                self.sha.update(&buf[..n]);
-                self.writer.write_inline(&buf[..n])?;
-                self.stats.inline_bytes += n as u64;
-                off += n as u64;
-            }
-            Ok(None)
+        if !external {
+            return self.small_body(fd, at, size).map(|()| None);
         }
+        let sha = &mut self.sha;
+        let (id, method) = self
+            .repo
+            .store_file(fd, size, &mut |chunk| sha.update(chunk))
+            .with_context(|| format!("storing the file body at tar offset {at}"))?;
+        self.stats.count(method, size);
+        self.emit_object(id, size)?;
+        Ok(Some(method))
+    }
+
+    /// A body that stays inline in the splitstream (≤ 64 bytes, or any size for entry types
+    /// whose data composefs keeps inline).
+    fn small_body(&mut self, fd: BorrowedFd<'_>, at: u64, size: u64) -> anyhow::Result<()> {
+        let st = rustix::fs::fstat(fd)
+            .with_context(|| format!("inspecting the file body at tar offset {at}"))?;
+        ensure!(
+            st.st_size as u64 == size,
+            "the file for the body at tar offset {at} has {} bytes, the header says {size}",
+            st.st_size
+        );
+        let mut buf = vec![0u8; (size as usize).min(INLINE_BODY_READ_CHUNK)];
+        let mut off = 0u64;
+        while off < size {
+            let want = (size - off).min(buf.len() as u64) as usize;
+            let n = read_full_at(fd, &mut buf[..want], off)
+                .with_context(|| format!("reading the file body at tar offset {}", at + off))?;
+            ensure!(
+                n == want,
+                "the file for the body at tar offset {at} ended after {} of {size} bytes",
+                off + n as u64
+            );
+            self.sha.update(&buf[..n]);
+            self.emit_inline(&buf[..n])?;
+            self.stats.inline_bytes += n as u64;
+            off += n as u64;
+        }
+        Ok(())
     }
 
     /// Counters so far.
@@ -207,7 +367,9 @@ impl<'r> LayerImporter<'r> {
     ///
     /// # Errors
     /// Truncated tar, diff_id mismatch (the message names both digests), or I/O errors.
-    pub fn finish(self, diff_id: &str) -> anyhow::Result<ObjectId> {
+    pub fn finish(mut self, diff_id: &str) -> anyhow::Result<ObjectId> {
+        self.settle(true, 0)
+            .with_context(|| format!("layer {diff_id}"))?;
         check_digest(diff_id).with_context(|| format!("layer {diff_id}"))?;
         self.tracker
             .check_complete()

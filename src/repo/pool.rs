@@ -1,0 +1,108 @@
+//! Worker threads that store file bodies while the layer tar is processed in order.
+//!
+//! A layer's tar must be consumed in order: its sha256 (the diff_id) runs over every byte in
+//! sequence, and the splitstream lists entries in tar order. Storing a body — its fs-verity
+//! digest, the O_TMPFILE, the reflink, the link — is independent per file and is most of the
+//! work for small files. So the importer reads each body once (feeding the sha256 from that
+//! buffer), hands buffer and fd to this pool, and writes the splitstream entry when the
+//! object id comes back, keeping a bounded window of bodies in flight.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+
+use anyhow::anyhow;
+
+use super::{ObjectId, Repository, StoreMethod};
+
+/// One body to store.
+struct Job {
+    fd: OwnedFd,
+    dev: u64,
+    data: Vec<u8>,
+    reply: SyncSender<Stored>,
+}
+
+/// A stored body: the outcome, and the buffer back for reuse.
+pub(crate) struct Stored {
+    pub(crate) result: anyhow::Result<(ObjectId, StoreMethod)>,
+    pub(crate) data: Vec<u8>,
+}
+
+/// Threads storing bodies into one repository; see [`with_body_pool`].
+pub struct BodyPool<'r> {
+    repo: &'r Repository,
+    jobs: SyncSender<Job>,
+}
+
+impl std::fmt::Debug for BodyPool<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BodyPool").finish_non_exhaustive()
+    }
+}
+
+impl<'r> BodyPool<'r> {
+    /// The repository the pool stores into.
+    pub(crate) fn repo(&self) -> &'r Repository {
+        self.repo
+    }
+
+    /// Queue `data` (read from `fd`, a regular file on device `dev`) for storing; the result
+    /// arrives on the returned receiver. Blocks while the pool is busy.
+    pub(crate) fn submit(
+        &self,
+        fd: OwnedFd,
+        dev: u64,
+        data: Vec<u8>,
+    ) -> anyhow::Result<Receiver<Stored>> {
+        let (reply, rx) = sync_channel(1);
+        self.jobs
+            .send(Job {
+                fd,
+                dev,
+                data,
+                reply,
+            })
+            .map_err(|_| anyhow!("the body-storing threads have stopped"))?;
+        Ok(rx)
+    }
+}
+
+/// Run `f` with a pool of `threads` threads storing bodies into `repo`; the pool ends when
+/// `f` returns (queued bodies are finished first).
+pub fn with_body_pool<R>(
+    repo: &Repository,
+    threads: usize,
+    f: impl FnOnce(&BodyPool<'_>) -> R,
+) -> R {
+    let threads = threads.max(1);
+    // A short queue: enough to keep every thread busy, and back-pressure beyond that.
+    let (tx, rx) = sync_channel::<Job>(threads * 2);
+    let rx = Arc::new(Mutex::new(rx));
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            // Only the threads hold the receiver: if they all stop, `submit` fails at once.
+            let rx = Arc::clone(&rx);
+            s.spawn(move || {
+                loop {
+                    let job = {
+                        let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
+                        rx.recv()
+                    };
+                    let Ok(job) = job else { break };
+                    let result = repo.store_read_body(job.fd.as_fd(), job.dev, &job.data);
+                    drop(job.fd);
+                    // The importer may have given up on this layer; nothing to tell then.
+                    let _ = job.reply.send(Stored {
+                        result,
+                        data: job.data,
+                    });
+                }
+            });
+        }
+        drop(rx);
+        let pool = BodyPool { repo, jobs: tx };
+        f(&pool)
+        // `pool` (the only sender) drops here: the threads drain the queue and exit.
+    })
+}
