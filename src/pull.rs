@@ -14,7 +14,6 @@
 //! unreferenced objects, and a re-run picks up where it stopped (present layers are skipped).
 
 use std::ffi::OsString;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -387,8 +386,8 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a layer's bodies are stored: by the importing thread, or by the pool when fewer
-/// layer workers than cores are left.
+/// Where a layer's bodies are stored (in batches either way): by the importing thread, or by
+/// the pool when fewer layer workers than cores are left.
 struct Bodies<'a, 'r> {
     pool: &'a BodyPool<'r>,
     live: &'a AtomicUsize,
@@ -425,11 +424,7 @@ fn import_layer(
                 progress.advance(index, b.len() as u64, 0);
             }
             LayerItem::File { fd, size, .. } => {
-                if bodies.pooled() {
-                    importer.file_pooled(fd, size, bodies.pool)?;
-                } else {
-                    importer.file(fd.as_fd(), size)?;
-                }
+                importer.file_batched(fd, size, bodies.pooled().then_some(bodies.pool))?;
                 files += 1;
                 bytes += size;
                 progress.advance(index, size, 1);

@@ -276,7 +276,11 @@ fn import_with(
                         methods.push(imp.file(f.as_fd(), data.len() as u64)?);
                     }
                     Feed::Pooled => {
-                        imp.file_pooled(memfd_with(data), data.len() as u64, pool)?;
+                        imp.file_batched(
+                            memfd_with(data),
+                            data.len() as u64,
+                            (i % 3 != 0).then_some(pool),
+                        )?;
                         // How it was stored is only known later, in the stats.
                         methods.push((data.len() > 64).then_some(StoreMethod::Copied));
                     }
@@ -484,11 +488,13 @@ fn pooled_body_of_the_wrong_size_is_refused() {
                 Piece::Body { range, .. } if range.len() > 64 => {
                     // One byte short of what the header announces.
                     let short = memfd_with(&tar[range.start..range.end - 1]);
-                    imp.file_pooled(short, range.len() as u64, pool)?;
+                    imp.file_batched(short, range.len() as u64, Some(pool))?;
                 }
-                Piece::Body { range, .. } => {
-                    imp.file_pooled(memfd_with(&tar[range.clone()]), range.len() as u64, pool)?
-                }
+                Piece::Body { range, .. } => imp.file_batched(
+                    memfd_with(&tar[range.clone()]),
+                    range.len() as u64,
+                    Some(pool),
+                )?,
             }
         }
         imp.finish(&sha256_digest(&tar)).map(drop)

@@ -164,6 +164,43 @@ impl Repository {
         })
     }
 
+    /// A fresh temporary file for object `id`, made in the object's own fan-out directory
+    /// `objects/XX/` when possible. XFS allocates an inode in the allocation group of its
+    /// directory, and both creating a tmpfile and linking it lock that group's inode header:
+    /// with every tmpfile in `objects/`, parallel importers queued on one lock (seen as
+    /// wake-ups from `xfs_buf_unlock` in profiles); the 256 fan-out directories are spread
+    /// over all groups.
+    pub(crate) fn create_tmp_object_for(&self, id: &ObjectId) -> anyhow::Result<TmpObject> {
+        let path = id.object_path();
+        let dir = &path[..2];
+        for attempt in 0..2 {
+            match rustix::fs::openat(
+                &self.objects,
+                dir,
+                OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
+                Mode::from_raw_mode(OBJECT_MODE),
+            ) {
+                Ok(fd) => {
+                    return Ok(TmpObject {
+                        file: File::from(fd),
+                        name: None,
+                    });
+                }
+                Err(Errno::NOENT) if attempt == 0 => {
+                    match rustix::fs::mkdirat(&self.objects, dir, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => {
+                            return Err(e).with_context(|| format!("creating objects/{dir}"));
+                        }
+                    }
+                }
+                // Anything else (no O_TMPFILE here, say): the general path decides.
+                Err(_) => break,
+            }
+        }
+        self.create_tmp_object()
+    }
+
     /// Is the object `id` present and intact enough to reuse? Checks its size, and its kernel
     /// fs-verity digest when it has one; a secure repository requires one.
     fn existing_object_ok(&self, id: &ObjectId, size: u64) -> anyhow::Result<bool> {
@@ -390,7 +427,7 @@ impl Repository {
         if self.existing_object_ok(&id, data.len() as u64)? {
             return Ok(id);
         }
-        let tmp = self.create_tmp_object()?;
+        let tmp = self.create_tmp_object_for(&id)?;
         write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
         self.commit_tmp_object(tmp, &id, data.len() as u64)?;
         Ok(id)
@@ -483,7 +520,7 @@ impl Repository {
             if self.existing_object_ok(&id, size)? {
                 return Ok((id, StoreMethod::AlreadyPresent));
             }
-            let tmp = self.create_tmp_object()?;
+            let tmp = self.create_tmp_object_for(&id)?;
             if self.try_reflink(src, st.st_dev, &tmp)? {
                 self.check_clone_size(&tmp, size)?;
                 let method = self.link_tmp_object(tmp, &id)?;
@@ -527,25 +564,39 @@ impl Repository {
         ))
     }
 
-    /// Store a body whose bytes `data` were already read from `src` (by the caller, which
-    /// hashed the layer tar from them): the object is named from `data`, and made by
-    /// reflinking `src` where possible, else by writing `data`. `src` must be the regular
+    /// Store bodies whose bytes were already read from their files (by the caller, which
+    /// hashed the layer tar from them): `(src, src_dev, data)`, where `src` is the regular
     /// file of `data.len()` bytes on device `src_dev` (the caller checked it with `fstat`).
-    ///
-    /// # Errors
-    /// The source changed size since it was read, or I/O errors.
-    pub(crate) fn store_read_body(
+    /// Each object is named from `data` (all digests computed together, see
+    /// [`FsVerityHasher::digest_many`]) and made by reflinking `src` where possible, else by
+    /// writing `data`. One result per body, in order: errors are the source having changed
+    /// size since it was read, or I/O errors.
+    pub(crate) fn store_read_bodies(
+        &self,
+        bodies: &[(BorrowedFd<'_>, u64, &[u8])],
+    ) -> Vec<anyhow::Result<(ObjectId, StoreMethod)>> {
+        let data: Vec<&[u8]> = bodies.iter().map(|b| b.2).collect();
+        let ids = FsVerityHasher::digest_many(self.alg, &data);
+        bodies
+            .iter()
+            .zip(ids)
+            .map(|(&(src, dev, data), id)| self.store_hashed_body(src, dev, data, id))
+            .collect()
+    }
+
+    /// [`store_read_bodies`](Self::store_read_bodies) for one body whose object id is known.
+    fn store_hashed_body(
         &self,
         src: BorrowedFd<'_>,
         src_dev: u64,
         data: &[u8],
+        id: ObjectId,
     ) -> anyhow::Result<(ObjectId, StoreMethod)> {
         let size = data.len() as u64;
-        let id = FsVerityHasher::digest(self.alg, data);
         if self.existing_object_ok(&id, size)? {
             return Ok((id, StoreMethod::AlreadyPresent));
         }
-        let tmp = self.create_tmp_object()?;
+        let tmp = self.create_tmp_object_for(&id)?;
         if self.try_reflink(src, src_dev, &tmp)? {
             self.check_clone_size(&tmp, size)?;
             let method = self.link_tmp_object(tmp, &id)?;

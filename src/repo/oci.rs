@@ -17,7 +17,7 @@ use anyhow::{Context, ensure};
 use sha2::Digest as _;
 
 use super::objects::{ObjectWriter, read_full_at};
-use super::pool::{BodyPool, Stored};
+use super::pool::{Body, BodyPool, Stored, store_batch};
 use super::splitstream::SplitStreamWriter;
 use super::tar::{Region, TarTracker};
 use super::{ObjectId, Repository, StoreMethod, check_link_name};
@@ -42,22 +42,46 @@ const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+j
 /// for regular files; other entry types rarely carry data at all).
 const INLINE_BODY_READ_CHUNK: usize = 64 << 10;
 
-/// Largest body handed to the [`BodyPool`]: a pooled body is held in memory until its object
-/// is stored. Larger ones are stored by the importing thread itself, streamed (their hashing
-/// dwarfs the per-file costs that the pool spreads over cores).
-const POOL_MAX_BODY: u64 = 1 << 20;
+/// Largest body read into memory and stored in a batch (with the bodies around it, see
+/// [`LayerImporter::file_batched`]). Larger ones are stored alone, streamed: their hashing
+/// dwarfs the per-file costs that batches spread over cores.
+const BATCH_MAX_BODY: u64 = 1 << 20;
 
-/// Most bytes of pooled bodies in flight per layer (bounds the importer's memory).
-const POOL_WINDOW_BYTES: u64 = 4 << 20;
+/// A batch is handed on once it holds this many bytes…
+const BATCH_BYTES: u64 = 1 << 20;
 
-/// Most pooled bodies in flight per layer (bounds fds held and splitstream entries queued).
-const POOL_WINDOW_FILES: usize = 256;
+/// …or this many bodies.
+const BATCH_FILES: usize = 64;
+
+/// Most bytes of bodies read but not yet in the splitstream, per layer (bounds memory).
+const WINDOW_BYTES: u64 = 4 << 20;
+
+/// Most bodies read but not yet in the splitstream, per layer (bounds fds held open).
+const WINDOW_FILES: usize = 256;
 
 /// A splitstream entry that waits for an earlier body still being stored.
 enum Pending {
     Inline(Vec<u8>),
     Object(ObjectId, u64),
-    Storing { size: u64, reply: Receiver<Stored> },
+    /// The next body of the batches, of this size.
+    Body(u64),
+}
+
+/// A handed-on batch: stored already, or by the pool.
+enum Batch {
+    Ready(Vec<Stored>),
+    Waiting(Receiver<Vec<Stored>>),
+}
+
+/// How far [`LayerImporter::settle`] goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Write what is ready; never wait.
+    Ready,
+    /// Wait until at least one body has been written.
+    OneBody,
+    /// Write everything.
+    All,
 }
 
 /// What one layer import did.
@@ -110,11 +134,17 @@ pub struct LayerImporter<'r> {
     /// An external body arriving as inline bytes.
     body: Option<ObjectWriter<'r>>,
     stats: ImportStats,
-    /// Splitstream entries queued behind a pooled body, in tar order.
+    /// Splitstream entries queued behind a batched body, in tar order.
     pending: VecDeque<Pending>,
-    /// Pooled bodies in flight and their bytes.
+    /// The batch being filled, and its bytes.
+    open: (Vec<Body>, u64),
+    /// Batches handed on, oldest first.
+    batches: VecDeque<Batch>,
+    /// Outcomes of the oldest batch not yet written.
+    results: VecDeque<Stored>,
+    /// Bodies read but not yet written to the splitstream, and their bytes.
     in_flight: (usize, u64),
-    /// Buffers for the next pooled bodies.
+    /// Buffers for the next bodies.
     spare: Vec<Vec<u8>>,
 }
 
@@ -141,6 +171,9 @@ impl<'r> LayerImporter<'r> {
             body: None,
             stats: ImportStats::default(),
             pending: VecDeque::new(),
+            open: (Vec::new(), 0),
+            batches: VecDeque::new(),
+            results: VecDeque::new(),
             in_flight: (0, 0),
             spare: Vec::new(),
         })
@@ -168,70 +201,102 @@ impl<'r> LayerImporter<'r> {
         Ok(())
     }
 
-    /// Write queued entries whose bodies are stored: all of them when `wait`, else those
-    /// ready now; with `wait` and `until_files`, stop once at most that many bodies are in
-    /// flight.
-    fn settle(&mut self, wait: bool, until_files: usize) -> anyhow::Result<()> {
+    /// Hand on the batch being filled: to `pool`, or stored right here without one.
+    fn submit(&mut self, pool: Option<&BodyPool<'_>>) -> anyhow::Result<()> {
+        if self.open.0.is_empty() {
+            return Ok(());
+        }
+        let bodies = std::mem::take(&mut self.open.0);
+        self.open.1 = 0;
+        let batch = match pool {
+            Some(pool) => Batch::Waiting(pool.submit(bodies)?),
+            None => Batch::Ready(store_batch(self.repo, bodies)),
+        };
+        self.batches.push_back(batch);
+        Ok(())
+    }
+
+    /// Write queued splitstream entries, in order, as far as their bodies are stored.
+    fn settle(&mut self, until: Until, pool: Option<&BodyPool<'_>>) -> anyhow::Result<()> {
+        let died = || anyhow::anyhow!("a body-storing thread died");
         while let Some(front) = self.pending.front() {
-            if let Pending::Storing { reply, .. } = front {
-                if wait && self.in_flight.0 <= until_files {
-                    return Ok(());
+            let Pending::Body(size) = *front else {
+                match self.pending.pop_front().expect("front exists") {
+                    Pending::Inline(v) => self.writer.write_inline(&v)?,
+                    Pending::Object(id, size) => self.writer.write_external_sized(&id, size)?,
+                    Pending::Body(_) => unreachable!("matched above"),
                 }
-                let stored = if wait {
-                    reply
-                        .recv()
-                        .map_err(|_| anyhow::anyhow!("a body-storing thread died"))?
-                } else {
-                    match reply.try_recv() {
-                        Ok(s) => s,
-                        Err(TryRecvError::Empty) => return Ok(()),
-                        Err(TryRecvError::Disconnected) => {
-                            anyhow::bail!("a body-storing thread died")
-                        }
+                continue;
+            };
+            if self.results.is_empty() {
+                if self.batches.is_empty() {
+                    if until == Until::Ready {
+                        return Ok(());
+                    }
+                    // The body is in the batch being filled.
+                    self.submit(pool)?;
+                }
+                let stored = match self.batches.front().expect("submitted above") {
+                    Batch::Ready(_) => match self.batches.pop_front() {
+                        Some(Batch::Ready(v)) => v,
+                        _ => unreachable!("front was Ready"),
+                    },
+                    Batch::Waiting(rx) => {
+                        let v = if until == Until::Ready {
+                            match rx.try_recv() {
+                                Ok(v) => v,
+                                Err(TryRecvError::Empty) => return Ok(()),
+                                Err(TryRecvError::Disconnected) => return Err(died()),
+                            }
+                        } else {
+                            rx.recv().map_err(|_| died())?
+                        };
+                        self.batches.pop_front();
+                        v
                     }
                 };
-                let Some(Pending::Storing { size, .. }) = self.pending.pop_front() else {
-                    unreachable!("front was Storing")
-                };
-                self.in_flight.0 -= 1;
-                self.in_flight.1 -= size;
-                let Stored { result, data } = stored;
-                if self.spare.len() < POOL_WINDOW_FILES {
-                    self.spare.push(data);
-                }
-                let (id, method) = result?;
-                self.stats.count(method, size);
-                self.writer.write_external_sized(&id, size)?;
-                continue;
+                self.results.extend(stored);
             }
-            match self.pending.pop_front().expect("front exists") {
-                Pending::Inline(v) => self.writer.write_inline(&v)?,
-                Pending::Object(id, size) => self.writer.write_external_sized(&id, size)?,
-                Pending::Storing { .. } => unreachable!("handled above"),
+            let Stored { result, data } = self.results.pop_front().ok_or_else(died)?;
+            self.pending.pop_front();
+            self.in_flight.0 -= 1;
+            self.in_flight.1 -= size;
+            if self.spare.len() < BATCH_FILES {
+                self.spare.push(data);
+            }
+            let (id, method) = result?;
+            self.stats.count(method, size);
+            self.writer.write_external_sized(&id, size)?;
+            if until == Until::OneBody {
+                return Ok(());
             }
         }
         Ok(())
     }
 
-    /// [`file`](Self::file), with the body stored by `pool` while the importer goes on with
-    /// the tar (bodies up to 1 MiB; larger ones are stored here, streamed). The body is read
-    /// once, here, feeding the layer's sha256; its splitstream entry is written in tar order
-    /// when its object is stored. Errors of a pooled body surface at a later call or at
+    /// [`file`](Self::file) for bodies that are stored in batches: the body is read once,
+    /// here, feeding the layer's sha256, and stored later with the bodies around it (their
+    /// fs-verity digests computed together; by `pool`'s threads when given, while this
+    /// thread goes on with the tar). Splitstream entries are written in tar order as their
+    /// objects are stored, from a window of at most 256 bodies / 4 MiB. Bodies over 1 MiB are
+    /// stored at once, streamed. Errors of a batched body surface at a later call or at
     /// [`finish`](Self::finish).
     ///
     /// # Errors
     /// As [`file`](Self::file); the pool belongs to another repository.
-    pub fn file_pooled(
+    pub fn file_batched(
         &mut self,
         fd: OwnedFd,
         size: u64,
-        pool: &BodyPool<'_>,
+        pool: Option<&BodyPool<'_>>,
     ) -> anyhow::Result<()> {
-        ensure!(
-            std::ptr::eq(pool.repo(), self.repo),
-            "the body pool stores into another repository"
-        );
-        if size > POOL_MAX_BODY {
+        if let Some(pool) = pool {
+            ensure!(
+                std::ptr::eq(pool.repo(), self.repo),
+                "the body pool stores into another repository"
+            );
+        }
+        if size > BATCH_MAX_BODY {
             return self.file(fd.as_fd(), size).map(drop);
         }
         let at = self.tracker.offset();
@@ -260,15 +325,24 @@ impl<'r> LayerImporter<'r> {
             "the file for the body at tar offset {at} ended after {n} of {size} bytes"
         );
         self.sha.update(&data);
-        self.settle(true, POOL_WINDOW_FILES - 1)?;
-        while self.in_flight.0 > 0 && self.in_flight.1 + size > POOL_WINDOW_BYTES {
-            self.settle(true, self.in_flight.0 - 1)?;
+        while self.in_flight.0 >= WINDOW_FILES
+            || (self.in_flight.0 > 0 && self.in_flight.1 + size > WINDOW_BYTES)
+        {
+            self.settle(Until::OneBody, pool)?;
         }
-        let reply = pool.submit(fd, st.st_dev, data)?;
-        self.pending.push_back(Pending::Storing { size, reply });
+        self.open.0.push(Body {
+            fd,
+            dev: st.st_dev,
+            data,
+        });
+        self.open.1 += size;
+        self.pending.push_back(Pending::Body(size));
         self.in_flight.0 += 1;
         self.in_flight.1 += size;
-        self.settle(false, 0)
+        if self.open.0.len() >= BATCH_FILES || self.open.1 >= BATCH_BYTES {
+            self.submit(pool)?;
+        }
+        self.settle(Until::Ready, pool)
     }
 
     /// The next bytes of the tar, verbatim.
@@ -368,7 +442,7 @@ impl<'r> LayerImporter<'r> {
     /// # Errors
     /// Truncated tar, diff_id mismatch (the message names both digests), or I/O errors.
     pub fn finish(mut self, diff_id: &str) -> anyhow::Result<ObjectId> {
-        self.settle(true, 0)
+        self.settle(Until::All, None)
             .with_context(|| format!("layer {diff_id}"))?;
         check_digest(diff_id).with_context(|| format!("layer {diff_id}"))?;
         self.tracker

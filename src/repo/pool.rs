@@ -15,18 +15,42 @@ use anyhow::anyhow;
 
 use super::{ObjectId, Repository, StoreMethod};
 
-/// One body to store.
-struct Job {
-    fd: OwnedFd,
-    dev: u64,
-    data: Vec<u8>,
-    reply: SyncSender<Stored>,
+/// A body read by the importer: its file, that file's device, and its bytes.
+pub(crate) struct Body {
+    pub(crate) fd: OwnedFd,
+    pub(crate) dev: u64,
+    pub(crate) data: Vec<u8>,
 }
 
 /// A stored body: the outcome, and the buffer back for reuse.
 pub(crate) struct Stored {
     pub(crate) result: anyhow::Result<(ObjectId, StoreMethod)>,
     pub(crate) data: Vec<u8>,
+}
+
+/// A batch of bodies to store, and where to send the outcomes (same order).
+struct Job {
+    bodies: Vec<Body>,
+    reply: SyncSender<Vec<Stored>>,
+}
+
+/// Store a batch here and now (the importer without a pool, and the pool's threads).
+pub(crate) fn store_batch(repo: &Repository, bodies: Vec<Body>) -> Vec<Stored> {
+    let results = {
+        let refs: Vec<_> = bodies
+            .iter()
+            .map(|b| (b.fd.as_fd(), b.dev, b.data.as_slice()))
+            .collect();
+        repo.store_read_bodies(&refs)
+    };
+    bodies
+        .into_iter()
+        .zip(results)
+        .map(|(b, result)| Stored {
+            result,
+            data: b.data,
+        })
+        .collect()
 }
 
 /// Threads storing bodies into one repository; see [`with_body_pool`].
@@ -47,22 +71,12 @@ impl<'r> BodyPool<'r> {
         self.repo
     }
 
-    /// Queue `data` (read from `fd`, a regular file on device `dev`) for storing; the result
-    /// arrives on the returned receiver. Blocks while the pool is busy.
-    pub(crate) fn submit(
-        &self,
-        fd: OwnedFd,
-        dev: u64,
-        data: Vec<u8>,
-    ) -> anyhow::Result<Receiver<Stored>> {
+    /// Queue a batch of bodies for storing; the outcomes arrive, in order, on the returned
+    /// receiver. Blocks while the pool is busy.
+    pub(crate) fn submit(&self, bodies: Vec<Body>) -> anyhow::Result<Receiver<Vec<Stored>>> {
         let (reply, rx) = sync_channel(1);
         self.jobs
-            .send(Job {
-                fd,
-                dev,
-                data,
-                reply,
-            })
+            .send(Job { bodies, reply })
             .map_err(|_| anyhow!("the body-storing threads have stopped"))?;
         Ok(rx)
     }
@@ -90,13 +104,9 @@ pub fn with_body_pool<R>(
                         rx.recv()
                     };
                     let Ok(job) = job else { break };
-                    let result = repo.store_read_body(job.fd.as_fd(), job.dev, &job.data);
-                    drop(job.fd);
+                    let stored = store_batch(repo, job.bodies);
                     // The importer may have given up on this layer; nothing to tell then.
-                    let _ = job.reply.send(Stored {
-                        result,
-                        data: job.data,
-                    });
+                    let _ = job.reply.send(stored);
                 }
             });
         }

@@ -139,6 +139,19 @@ pub(crate) fn hash_blocks(blocks: &[u8]) -> Option<[[u8; DIGEST]; LANES]> {
         LANES * BLOCK,
         "hash_blocks takes 8 whole blocks"
     );
+    hash_lanes(std::array::from_fn(|i| &blocks[i * BLOCK..(i + 1) * BLOCK]))
+}
+
+/// The SHA-512 digests of eight 4096-byte blocks from anywhere (blocks of different files,
+/// say), lane `i` = block `i`; `None` without AVX-512.
+///
+/// # Panics
+/// A block is not exactly 4096 bytes.
+pub(crate) fn hash_lanes(lanes: [&[u8]; LANES]) -> Option<[[u8; DIGEST]; LANES]> {
+    assert!(
+        lanes.iter().all(|l| l.len() == BLOCK),
+        "hash_lanes takes 4096-byte blocks"
+    );
     #[cfg(target_arch = "x86_64")]
     if available() {
         let mut digests = [[0u8; DIGEST]; LANES];
@@ -146,7 +159,7 @@ pub(crate) fn hash_blocks(blocks: &[u8]) -> Option<[[u8; DIGEST]; LANES]> {
         // `available()` has just confirmed them; it takes no pointers.
         #[allow(unsafe_code)]
         unsafe {
-            x86::hash8(blocks, &mut digests)
+            x86::hash8(lanes, &mut digests)
         };
         return Some(digests);
     }
@@ -244,8 +257,7 @@ mod x86 {
 
     /// The digests of the eight 4096-byte blocks of `blocks`, lane `i` = block `i`.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn hash8(blocks: &[u8], out: &mut [[u8; DIGEST]; LANES]) {
-        let lane: [&[u8]; LANES] = std::array::from_fn(|i| &blocks[i * BLOCK..(i + 1) * BLOCK]);
+    pub(super) fn hash8(lane: [&[u8]; LANES], out: &mut [[u8; DIGEST]; LANES]) {
         let mut state = H0.map(|h| _mm512_set1_epi64(h as i64));
         let mut w = [_mm512_setzero_si512(); 16];
         for chunk in 0..BLOCK / 128 {
