@@ -31,6 +31,33 @@ mountfs() { # fs dir size
     mount -o loop "$img" "$dir"
 }
 
+# Used blocks of a filesystem, with deferred work done first: XFS frees the blocks of deleted
+# inodes in the background (inodegc), so a plain `df` after `rm -rf` of the previous run's
+# repository can still count them; freezing the filesystem flushes that work.
+used_bytes() { # mountpoint
+    sync
+    fsfreeze -f "$1" && fsfreeze -u "$1"
+    df -B1 --output=used "$1" | tail -1
+}
+
+# Where a repository's blocks go: object inodes, the EROFS image, object directories, streams.
+breakdown() { # fs repo
+    local fs=$1 repo=$2 isize objects erofs dirs streams
+    # XFS allocates inodes (in 64-inode chunks) as files are made; ext4's inode tables are
+    # preallocated by mkfs, so there object inodes cost no new blocks.
+    case $fs in
+        xfs) isize=$(xfs_info "$(stat -c %m "$repo")" | sed -n 's/.*isize=\([0-9]*\).*/\1/p' | head -1) ;;
+        *) isize=0 ;;
+    esac
+    objects=$(find "$repo/objects" -type f | wc -l)
+    erofs=$(find -L "$repo/images" -maxdepth 1 -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+    dirs=$(find "$repo/objects" -type d -printf '%b\n' | awk '{s+=$1*512} END {print s+0}')
+    streams=$(find -L "$repo/streams" -maxdepth 1 -name 'oci-*' -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+    awk -v fs="$fs" -v n="$objects" -v i="$isize" -v e="$erofs" -v d="$dirs" -v s="$streams" 'BEGIN {
+        m = 1048576
+        printf "%s: %d objects × %d-byte inodes = %.1f MiB, EROFS image %.1f MiB, object directories %.1f MiB, splitstreams %.1f MiB\n", fs, n, i, n*i/m, e/m, d/m, s/m }'
+}
+
 measure() { # label cmd... ; prints "wall cpu rss_kib"
     local out; out=$(mktemp)
     /usr/bin/time -f '%e %U %S %M' -o "$out" "$@" >/dev/null 2>"$out.err" || { cat "$out.err" >&2; return 1; }
@@ -38,6 +65,7 @@ measure() { # label cmd... ; prints "wall cpu rss_kib"
     rm -f "$out" "$out.err"
 }
 
+notes=""
 echo "| fs | mode | tool | wall s | CPU s | peak RSS MiB | disk used MiB | wall ratio |"
 echo "|---|---|---|---|---|---|---|---|"
 # cfsctl only finds images in the default stores (it ignores storage.conf and the bracketed
@@ -73,8 +101,8 @@ for fs in ${FILESYSTEMS:-xfs ext4}; do
             declare -A wall
             for tool in splitfdstream cfsctl; do
                 repo="$mnt/repo-$tool"
-                rm -rf "$repo"; sync
-                before=$(df -B1 --output=used "$mnt" | tail -1)
+                rm -rf "$repo"
+                before=$(used_bytes "$mnt")
                 if [ "$mode" = cold ]; then echo 3 > /proc/sys/vm/drop_caches; else tar -cf - "$store/overlay" 2>/dev/null | cat >/dev/null; fi
                 if [ "$tool" = splitfdstream ]; then
                     r=$(measure "$sfds" pull "$src" --repo "$repo" --hash "$hash" --tag bench)
@@ -84,8 +112,7 @@ for fs in ${FILESYSTEMS:-xfs ext4}; do
                         || "$cfsctl" --repo "$repo" init --algorithm "fsverity-$hash-12" --insecure >/dev/null
                     r=$(measure "$cfsctl" --repo "$repo" oci pull --local-fetch auto "$src" bench)
                 fi
-                sync
-                after=$(df -B1 --output=used "$mnt" | tail -1)
+                after=$(used_bytes "$mnt")
                 read -r w c m <<<"$r"
                 wall[$tool]=$w
                 used=$(( (after - before) / 1048576 ))
@@ -95,5 +122,8 @@ for fs in ${FILESYSTEMS:-xfs ext4}; do
             done
         done
     done
+    notes+="$(breakdown "$fs" "$mnt/repo-splitfdstream")"$'\n'
     umount "$graphroot"
 done
+echo
+printf '%s' "$notes"

@@ -374,9 +374,11 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
                 "status": match l.status { LayerStatus::Present => "present", LayerStatus::Imported => "imported" },
                 "files": l.files,
                 "bytes": l.bytes,
+                "seconds": l.elapsed.as_secs_f64(),
             })).collect::<Vec<_>>(),
             "objects": {"reflinked": s.objects.reflinked, "copied": s.objects.copied, "reused": s.objects.reused},
             "seconds": s.elapsed.as_secs_f64(),
+            "finalizeSeconds": s.finalize.as_secs_f64(),
         });
         let mut out = io::stdout().lock();
         writeln!(out, "{v}")?;

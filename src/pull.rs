@@ -80,6 +80,8 @@ pub struct LayerOutcome {
     pub files: u64,
     /// Bytes of layer tar processed.
     pub bytes: u64,
+    /// Time spent importing it (zero when present).
+    pub elapsed: Duration,
 }
 
 /// Result of a successful pull.
@@ -103,6 +105,8 @@ pub struct PullSummary {
     pub objects: ObjectCounts,
     /// Wall time.
     pub elapsed: Duration,
+    /// Of that, the time after the last layer: EROFS image, config and manifest, syncs, links.
+    pub finalize: Duration,
 }
 
 /// Objects of a pull by how they were stored.
@@ -125,7 +129,7 @@ impl ObjectCounts {
 }
 
 /// A layer's stream object, bodies and bytes, or why it failed.
-type LayerResult = anyhow::Result<(ObjectId, u64, u64)>;
+type LayerResult = anyhow::Result<(ObjectId, u64, u64, Duration)>;
 
 /// Most layers imported at once by default: each runs its own helper and one core of hashing.
 const MAX_DEFAULT_JOBS: usize = 8;
@@ -175,6 +179,7 @@ pub fn pull(
             },
             files: 0,
             bytes: 0,
+            elapsed: Duration::ZERO,
         });
         streams.push(present);
     }
@@ -267,10 +272,11 @@ pub fn pull(
     let mut first_error = None;
     for (index, r) in results {
         match r {
-            Ok((id, files, bytes)) => {
+            Ok((id, files, bytes, elapsed)) => {
                 streams[index] = Some(id);
                 outcomes[index].files = files;
                 outcomes[index].bytes = bytes;
+                outcomes[index].elapsed = elapsed;
             }
             Err(e) => {
                 first_error.get_or_insert(e);
@@ -297,6 +303,7 @@ pub fn pull(
         })
         .collect::<anyhow::Result<_>>()?;
     // Config, manifest and EROFS image become objects; nothing is linked yet.
+    let layers_done = start.elapsed();
     let prepared = prepare_image(
         &repo,
         image.manifest.as_bytes(),
@@ -328,6 +335,7 @@ pub fn pull(
         erofs_skipped: published.erofs_skipped,
         objects: counts.into_inner().unwrap_or_else(|e| e.into_inner()),
         elapsed: start.elapsed(),
+        finalize: start.elapsed().saturating_sub(layers_done),
     })
 }
 
@@ -411,7 +419,8 @@ fn import_layer(
     threshold: u64,
     progress: &dyn Progress,
     counts: &Mutex<ObjectCounts>,
-) -> anyhow::Result<(ObjectId, u64, u64)> {
+) -> LayerResult {
+    let started = Instant::now();
     let mut stream =
         proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
     let mut importer = LayerImporter::new(repo)?;
@@ -435,5 +444,5 @@ fn import_layer(
     let local = importer.stats().clone();
     let id = importer.finish(&layer.diff_id)?;
     counts.lock().unwrap_or_else(|e| e.into_inner()).add(&local);
-    Ok((id, files, bytes))
+    Ok((id, files, bytes, started.elapsed()))
 }

@@ -450,27 +450,28 @@ impl Repository {
         let mut buf: Vec<u8> = Vec::with_capacity(STREAM_BUF);
         let mut offset = 0u64;
         let file = tmp.file.as_fd();
-        let flush = |buf: &mut Vec<u8>, offset: &mut u64| -> std::io::Result<()> {
-            write_all_at(file, buf, *offset)?;
-            *offset += buf.len() as u64;
-            buf.clear();
-            Ok(())
+        // Hashed a buffer (or a large piece) at a time, not per piece: producers write many
+        // small pieces, and whole runs of blocks are what the hasher does eight at a time.
+        let out = |b: &[u8], hasher: &mut FsVerityHasher, offset: &mut u64| {
+            hasher.update(b);
+            write_all_at(file, b, *offset)?;
+            *offset += b.len() as u64;
+            std::io::Result::Ok(())
         };
         let size = produce(&mut |b: &[u8]| {
-            hasher.update(b);
             if buf.len() + b.len() > STREAM_BUF {
-                flush(&mut buf, &mut offset)?;
+                out(&buf, &mut hasher, &mut offset)?;
+                buf.clear();
             }
             if b.len() >= STREAM_BUF {
-                write_all_at(file, b, offset)?;
-                offset += b.len() as u64;
+                out(b, &mut hasher, &mut offset)
             } else {
                 buf.extend_from_slice(b);
+                Ok(())
             }
-            Ok(())
         })
         .context("writing a streamed object")?;
-        flush(&mut buf, &mut offset).context("writing a streamed object")?;
+        out(&buf, &mut hasher, &mut offset).context("writing a streamed object")?;
         ensure!(
             size == offset,
             "a streamed object reported {size} bytes but wrote {offset}"

@@ -699,13 +699,29 @@ impl<'t> Writer<'t> {
             }
             _ => {}
         }
-        let (pa, sa, va) = self.parts(a);
-        let (pb, sb, vb) = self.parts(b);
+        // Names first, without building values: an inode's xattrs have distinct names, so
+        // the values (which for object xattrs means formatting a digest) are rarely needed.
+        let (pa, sa) = self.name(a);
+        let (pb, sb) = self.name(b);
         let ka = XATTR_PREFIXES[pa as usize].iter().chain(sa.iter());
         let kb = XATTR_PREFIXES[pb as usize].iter().chain(sb.iter());
-        ka.cmp(kb)
-            .then(va.len().cmp(&vb.len()))
-            .then_with(|| va.cmp(&vb))
+        ka.cmp(kb).then_with(|| {
+            let (_, _, va) = self.parts(a);
+            let (_, _, vb) = self.parts(b);
+            va.len().cmp(&vb.len()).then_with(|| va.cmp(&vb))
+        })
+    }
+
+    /// The name of an xattr: prefix index and suffix, as [`parts`](Self::parts) gives them.
+    fn name(&self, x: XRef) -> (u8, &[u8]) {
+        match x {
+            XRef::Plain(p) => {
+                let p = &self.plains[p as usize];
+                (p.prefix, &p.suffix)
+            }
+            XRef::Meta(_) => (TRUSTED, METACOPY_SUFFIX),
+            XRef::Redir(_) => (TRUSTED, REDIRECT_SUFFIX),
+        }
     }
 
     /// Share every xattr (name and value) used by more than one inode; note ACLs.
