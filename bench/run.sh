@@ -55,7 +55,8 @@ breakdown() { # fs repo
     streams=$(find -L "$repo/streams" -maxdepth 1 -name 'oci-*' -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
     awk -v fs="$fs" -v n="$objects" -v i="$isize" -v e="$erofs" -v d="$dirs" -v s="$streams" 'BEGIN {
         m = 1048576
-        printf "%s: %d objects × %d-byte inodes = %.1f MiB, EROFS image %.1f MiB, object directories %.1f MiB, splitstreams %.1f MiB\n", fs, n, i, n*i/m, e/m, d/m, s/m }'
+        inodes = i > 0 ? sprintf("%d-byte inodes = %.1f MiB", i, n*i/m) : "inodes preallocated by mkfs"
+        printf "%s: %d objects (%s), EROFS image %.1f MiB, object directories %.1f MiB, splitstreams %.1f MiB\n", fs, n, inodes, e/m, d/m, s/m }'
 }
 
 measure() { # label cmd... ; prints "wall cpu rss_kib"

@@ -518,22 +518,10 @@ impl Repository {
             // no temporary file at all (creating and discarding a reflinked O_TMPFILE costs
             // more than the hashing of a small body).
             let id = self.hash_source(src, size, feed, None)?;
-            if self.existing_object_ok(&id, size)? {
-                return Ok((id, StoreMethod::AlreadyPresent));
-            }
-            let tmp = self.create_tmp_object_for(&id)?;
-            if self.try_reflink(src, st.st_dev, &tmp)? {
-                self.check_clone_size(&tmp, size)?;
-                let method = self.link_tmp_object(tmp, &id)?;
-                return Ok((
-                    id,
-                    if method == StoreMethod::AlreadyPresent {
-                        method
-                    } else {
-                        StoreMethod::Reflinked
-                    },
-                ));
-            }
+            let tmp = match self.reuse_or_clone(src, st.st_dev, &id, size)? {
+                Ok(method) => return Ok((id, method)),
+                Err(tmp) => tmp,
+            };
             // The filesystem changed its mind (e.g. out of space for clone metadata): copy,
             // reading the source a second time, which only this rare path does.
             let copied = self.hash_source(src, size, &mut |_| {}, Some(&tmp))?;
@@ -585,6 +573,30 @@ impl Repository {
             .collect()
     }
 
+    /// Object `id` (`size` bytes, the content of `src`) is wanted: reuse an intact existing
+    /// one, or make it by reflinking `src`. When the filesystem cannot clone from `src`, the
+    /// fresh tmpfile comes back for the caller to copy into.
+    fn reuse_or_clone(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        id: &ObjectId,
+        size: u64,
+    ) -> anyhow::Result<Result<StoreMethod, TmpObject>> {
+        if self.existing_object_ok(id, size)? {
+            return Ok(Ok(StoreMethod::AlreadyPresent));
+        }
+        let tmp = self.create_tmp_object_for(id)?;
+        if !self.try_reflink(src, src_dev, &tmp)? {
+            return Ok(Err(tmp));
+        }
+        self.check_clone_size(&tmp, size)?;
+        Ok(Ok(match self.link_tmp_object(tmp, id)? {
+            StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
+            _ => StoreMethod::Reflinked,
+        }))
+    }
+
     /// [`store_read_bodies`](Self::store_read_bodies) for one body whose object id is known.
     fn store_hashed_body(
         &self,
@@ -593,23 +605,10 @@ impl Repository {
         data: &[u8],
         id: ObjectId,
     ) -> anyhow::Result<(ObjectId, StoreMethod)> {
-        let size = data.len() as u64;
-        if self.existing_object_ok(&id, size)? {
-            return Ok((id, StoreMethod::AlreadyPresent));
-        }
-        let tmp = self.create_tmp_object_for(&id)?;
-        if self.try_reflink(src, src_dev, &tmp)? {
-            self.check_clone_size(&tmp, size)?;
-            let method = self.link_tmp_object(tmp, &id)?;
-            return Ok((
-                id,
-                if method == StoreMethod::AlreadyPresent {
-                    method
-                } else {
-                    StoreMethod::Reflinked
-                },
-            ));
-        }
+        let tmp = match self.reuse_or_clone(src, src_dev, &id, data.len() as u64)? {
+            Ok(method) => return Ok((id, method)),
+            Err(tmp) => tmp,
+        };
         write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
         let method = self.link_tmp_object(tmp, &id)?;
         Ok((id, method))
