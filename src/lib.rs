@@ -19,7 +19,7 @@
 //! Modules mirror that shape: [`proto`] holds the wire formats (and imports nothing else from
 //! the crate), [`helper`] the serving side, [`client`] the parent side, [`repo`] the composefs
 //! repository writer and [`pull`] the import pipeline that joins them.
-// No `unsafe` but one audited block: the AVX-512 SHA-512 entry (`repo::fsverity::sha512x8`),
+// No `unsafe` but one audited block: the SIMD SHA-512 entry (`repo::fsverity::sha512x8`),
 // which needs it only to enter code compiled for a CPU feature it has just detected.
 #![deny(unsafe_code)]
 

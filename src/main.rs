@@ -12,7 +12,7 @@ fn main() -> ExitCode {
 
 /// Take ownership of the socket inherited as `--socket-fd N`.
 ///
-/// The binary's one `unsafe` block (the library has one more, for AVX-512 SHA-512): an fd
+/// The binary's one `unsafe` block (the library has one more, for SIMD SHA-512): an fd
 /// number received on the command line can only
 /// become an `OwnedFd` through `from_raw_fd`. It is checked first to be open and a socket, and
 /// nothing else in the helper process uses that number (the library never touches stdin).
