@@ -129,20 +129,32 @@ pub(crate) fn read_full_at(
 }
 
 impl Repository {
-    /// A fresh temporary object file in `objects/`.
-    pub(crate) fn create_tmp_object(&self) -> anyhow::Result<TmpObject> {
-        match rustix::fs::openat(
+    /// An anonymous `O_TMPFILE` in `objects/<dir>`.
+    fn open_tmpfile_in(&self, dir: &str) -> rustix::io::Result<TmpObject> {
+        let fd = rustix::fs::openat(
             &self.objects,
-            ".",
+            dir,
             OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
             Mode::from_raw_mode(OBJECT_MODE),
-        ) {
-            Ok(fd) => {
-                return Ok(TmpObject {
-                    file: File::from(fd),
-                    name: None,
-                });
-            }
+        )?;
+        Ok(TmpObject {
+            file: File::from(fd),
+            name: None,
+        })
+    }
+
+    /// Create the fan-out directory `objects/<dir>` if it is missing.
+    fn make_fanout_dir(&self, dir: &str) -> anyhow::Result<()> {
+        match rustix::fs::mkdirat(&self.objects, dir, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("creating objects/{dir}")),
+        }
+    }
+
+    /// A fresh temporary object file in `objects/`.
+    pub(crate) fn create_tmp_object(&self) -> anyhow::Result<TmpObject> {
+        match self.open_tmpfile_in(".") {
+            Ok(tmp) => return Ok(tmp),
             // Filesystems without O_TMPFILE (some FUSE ones): fall back to a named file.
             Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL) => {}
             Err(e) => {
@@ -174,26 +186,9 @@ impl Repository {
         let path = id.object_path();
         let dir = &path[..2];
         for attempt in 0..2 {
-            match rustix::fs::openat(
-                &self.objects,
-                dir,
-                OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC,
-                Mode::from_raw_mode(OBJECT_MODE),
-            ) {
-                Ok(fd) => {
-                    return Ok(TmpObject {
-                        file: File::from(fd),
-                        name: None,
-                    });
-                }
-                Err(Errno::NOENT) if attempt == 0 => {
-                    match rustix::fs::mkdirat(&self.objects, dir, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("creating objects/{dir}"));
-                        }
-                    }
-                }
+            match self.open_tmpfile_in(dir) {
+                Ok(tmp) => return Ok(tmp),
+                Err(Errno::NOENT) if attempt == 0 => self.make_fanout_dir(dir)?,
                 // Anything else (no O_TMPFILE here, say): the general path decides.
                 Err(_) => break,
             }
@@ -332,14 +327,7 @@ impl Repository {
             };
             match r {
                 Ok(()) => return Ok(StoreMethod::Copied),
-                Err(Errno::NOENT) if attempt == 0 => {
-                    match rustix::fs::mkdirat(&self.objects, dir, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(e).with_context(|| format!("creating objects/{dir}"));
-                        }
-                    }
-                }
+                Err(Errno::NOENT) if attempt == 0 => self.make_fanout_dir(dir)?,
                 Err(Errno::EXIST) => {
                     // A concurrent writer, or a damaged object we decided not to trust.
                     if self.existing_object_ok(id, rustix::fs::fstat(fd)?.st_size as u64)? {

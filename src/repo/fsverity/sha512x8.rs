@@ -241,6 +241,11 @@ mod x86 {
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
+        fn xor3(x: __m512i, y: __m512i, z: __m512i) -> __m512i {
+            _mm512_ternarylogic_epi64::<XOR3>(x, y, z)
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
         fn ch(e: __m512i, f: __m512i, g: __m512i) -> __m512i {
             _mm512_ternarylogic_epi64::<CH>(e, f, g)
         }
@@ -252,42 +257,38 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx512f")]
         fn big_sigma0(a: __m512i) -> __m512i {
-            let (x, y, z) = (
+            xor3(
                 _mm512_ror_epi64::<28>(a),
                 _mm512_ror_epi64::<34>(a),
                 _mm512_ror_epi64::<39>(a),
-            );
-            _mm512_ternarylogic_epi64::<XOR3>(x, y, z)
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
         fn big_sigma1(e: __m512i) -> __m512i {
-            let (x, y, z) = (
+            xor3(
                 _mm512_ror_epi64::<14>(e),
                 _mm512_ror_epi64::<18>(e),
                 _mm512_ror_epi64::<41>(e),
-            );
-            _mm512_ternarylogic_epi64::<XOR3>(x, y, z)
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
         fn small_sigma0(w: __m512i) -> __m512i {
-            let (x, y, z) = (
+            xor3(
                 _mm512_ror_epi64::<1>(w),
                 _mm512_ror_epi64::<8>(w),
                 _mm512_srli_epi64::<7>(w),
-            );
-            _mm512_ternarylogic_epi64::<XOR3>(x, y, z)
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
         fn small_sigma1(w: __m512i) -> __m512i {
-            let (x, y, z) = (
+            xor3(
                 _mm512_ror_epi64::<19>(w),
                 _mm512_ror_epi64::<61>(w),
                 _mm512_srli_epi64::<6>(w),
-            );
-            _mm512_ternarylogic_epi64::<XOR3>(x, y, z)
+            )
         }
         #[inline]
         #[target_feature(enable = "avx512f")]
