@@ -333,7 +333,28 @@ fn human(n: u64) -> String {
     }
 }
 
+/// Raise the soft RLIMIT_NOFILE to the hard limit, as podman does: a pull holds hundreds of
+/// received fds per layer worker, and many systems start programs at a soft limit of 1024
+/// (the helpers inherit the raised limit). Best effort; the pull sizes itself to whatever
+/// limit remains.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    if let (Some(cur), Some(max)) = (lim.current, lim.maximum)
+        && cur < max
+    {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(max),
+                maximum: Some(max),
+            },
+        );
+    }
+}
+
 fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyhow::Result<()> {
+    raise_fd_limit();
     use std::io::IsTerminal;
     let bar = Bar {
         total_bytes: AtomicU64::new(0),

@@ -35,7 +35,7 @@ use anyhow::{Context, anyhow, bail};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::proto::fdpass::Transport;
+use crate::proto::fdpass::{Transport, TransportError};
 use crate::proto::rpc::{
     self, LayerInfo, LayerSelector, OpenImageResult, Request, RpcError, StreamEnd,
 };
@@ -648,7 +648,14 @@ impl LayerStream<'_> {
             tries += 1;
             self.fds.clear();
             if let Err(e) = self.fetch_fds() {
-                return e.context(format!("layer {} incomplete", self.layer.diff_id));
+                // A broken connection fails every later call the same way; then the first
+                // error is the telling one (MSG_CTRUNC from EMFILE, say). Otherwise the new
+                // error may be the helper's exit, with its stderr.
+                let first_was_transport = err
+                    .chain()
+                    .any(|c| c.downcast_ref::<TransportError>().is_some());
+                let err = if first_was_transport { err } else { e };
+                return err.context(format!("layer {} incomplete", self.layer.diff_id));
             }
         }
         match &self.end {

@@ -199,6 +199,8 @@ pub fn pull(
                 .min(MAX_DEFAULT_JOBS)
         })
         .clamp(1, todo.len().max(1));
+    let (jobs, fds) = fd_budget(jobs);
+    proxy.set_fd_batch(fds.batch);
     // Layer workers keep every core busy while there are at least as many of them as cores.
     // When fewer remain (an image of one big layer, or the last layer of a pull), the bodies
     // of a layer go to a pool of one thread per core: small files cost mostly per-file work
@@ -221,6 +223,7 @@ pub fn pull(
                 pool,
                 live: &live,
                 cores,
+                window_files: fds.window,
             };
             let r = import_layer(
                 &repo, &bodies, proxy, handle, index, layer, threshold, progress, &counts,
@@ -238,6 +241,7 @@ pub fn pull(
                 s.spawn(move || {
                     // Each worker has its own helper, so layers stream independently.
                     let spawned = Proxy::spawn(proxy_config).and_then(|mut p| {
+                        p.set_fd_batch(fds.batch);
                         let img = p.open_image(&source.reference)?;
                         if img.image_id != image_ref.image_id {
                             bail!(
@@ -400,6 +404,41 @@ struct Bodies<'a, 'r> {
     pool: &'a BodyPool<'r>,
     live: &'a AtomicUsize,
     cores: usize,
+    /// Bodies (open fds) a layer may hold in its batching window.
+    window_files: usize,
+}
+
+/// fds held per layer worker: received but not yet used (`batch`), and read but not yet
+/// stored (`window`).
+#[derive(Debug, Clone, Copy)]
+struct FdShare {
+    batch: u32,
+    window: usize,
+}
+
+/// fds this process keeps for everything but bodies: the repository, each helper's socket,
+/// pipes and pidfd, the pool threads' tmpfiles, the standard streams.
+const RESERVED_FDS: u64 = 64;
+
+/// Split the soft RLIMIT_NOFILE among `jobs` layer workers, running fewer when each would get
+/// too few fds: a worker holds up to `batch + window` bodies open at once, and running past
+/// the limit makes the kernel drop received fds (EMFILE surfaces as MSG_CTRUNC).
+fn fd_budget(jobs: usize) -> (usize, FdShare) {
+    /// Fewest fds worth giving a worker.
+    const MIN_PER_WORKER: u64 = 8;
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let usable = soft.saturating_sub(RESERVED_FDS + 8 * jobs as u64);
+    let jobs = jobs.min(usize::try_from((usable / MIN_PER_WORKER).max(1)).unwrap_or(jobs));
+    let per_worker = (usable / jobs as u64).max(2);
+    let batch = u32::try_from(per_worker / 2)
+        .unwrap_or(u32::MAX)
+        .clamp(1, rpc::MAX_FDS_PER_REPLY);
+    let window = usize::try_from(per_worker / 2)
+        .unwrap_or(usize::MAX)
+        .clamp(1, crate::repo::oci::WINDOW_FILES);
+    (jobs, FdShare { batch, window })
 }
 
 impl Bodies<'_, '_> {
@@ -424,6 +463,7 @@ fn import_layer(
     let mut stream =
         proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
     let mut importer = LayerImporter::new(repo)?;
+    importer.set_window_files(bodies.window_files);
     let (mut files, mut bytes) = (0u64, 0u64);
     while let Some(item) = stream.next_item()? {
         match item {
@@ -441,8 +481,7 @@ fn import_layer(
         }
     }
     drop(stream);
-    let local = importer.stats().clone();
-    let id = importer.finish(&layer.diff_id)?;
+    let (id, local) = importer.finish_with_stats(&layer.diff_id)?;
     counts.lock().unwrap_or_else(|e| e.into_inner()).add(&local);
     Ok((id, files, bytes, started.elapsed()))
 }

@@ -63,6 +63,24 @@ fn every_fixture_pulls_and_cfsctl_agrees() {
         let summary = pull(&source, &repo, &image.name, &[])
             .unwrap_or_else(|e| panic!("{}: {e}", image.name));
         assert_eq!(summary["imageId"], image.id.as_str());
+        // Every body that arrived as an fd (all larger than the 64-byte inline limit) became
+        // exactly one counted object, however it was stored (batched, pooled, streamed).
+        let files: u64 = summary["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["files"].as_u64().unwrap())
+            .sum();
+        let objects = &summary["objects"];
+        assert_eq!(
+            ["reflinked", "copied", "reused"]
+                .iter()
+                .map(|k| objects[*k].as_u64().unwrap())
+                .sum::<u64>(),
+            files,
+            "{}: {summary}",
+            image.name
+        );
         fsck_ok(&cfsctl, &repo);
         let listed = cfs(&cfsctl, &repo, &["oci", "images"]);
         assert!(listed.contains(&image.name), "{}: {listed}", image.name);
@@ -380,6 +398,35 @@ fn disk_full_then_rerun() {
         .args(["-o", "remount,size=600m"])
         .arg(&mnt));
     pull(&source, &repo, "big", &[]).unwrap();
+    fsck_ok(&cfsctl, &repo);
+}
+
+#[test]
+fn pull_under_ulimit_64_with_more_workers_than_fds_allow() {
+    // Each layer worker holds received fds and a window of bodies being stored; the workers
+    // share the soft RLIMIT_NOFILE (and run fewer when it is small) instead of each assuming it
+    // has all of it, which made the kernel drop fds (EMFILE shows as MSG_CTRUNC).
+    let Some((f, cfsctl)) = tools() else { return };
+    let many = f.image("many");
+    let source = format!("{}{}", f.store_arg(), many.reference);
+    let (_t, repo) = repo_dir(f, "ulimit");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 64 && exec \"$0\" pull \"$1\" --repo \"$2\" --tag many --jobs 8 --json",
+            BIN,
+            &source,
+        ])
+        .arg(&repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["imageId"], many.id.as_str());
     fsck_ok(&cfsctl, &repo);
 }
 

@@ -56,8 +56,9 @@ const BATCH_FILES: usize = 64;
 /// Most bytes of bodies read but not yet in the splitstream, per layer (bounds memory).
 const WINDOW_BYTES: u64 = 4 << 20;
 
-/// Most bodies read but not yet in the splitstream, per layer (bounds fds held open).
-const WINDOW_FILES: usize = 256;
+/// Most bodies read but not yet in the splitstream, per layer (bounds fds held open), unless
+/// [`LayerImporter::set_window_files`] lowers it.
+pub const WINDOW_FILES: usize = 256;
 
 /// A splitstream entry that waits for an earlier body still being stored.
 enum Pending {
@@ -146,6 +147,8 @@ pub struct LayerImporter<'r> {
     in_flight: (usize, u64),
     /// Buffers for the next bodies.
     spare: Vec<Vec<u8>>,
+    /// Most bodies in flight (each holds its file open).
+    window_files: usize,
 }
 
 impl std::fmt::Debug for LayerImporter<'_> {
@@ -176,6 +179,7 @@ impl<'r> LayerImporter<'r> {
             results: VecDeque::new(),
             in_flight: (0, 0),
             spare: Vec::new(),
+            window_files: WINDOW_FILES,
         })
     }
 
@@ -199,6 +203,12 @@ impl<'r> LayerImporter<'r> {
         }
         self.pending.push_back(Pending::Object(id, size));
         Ok(())
+    }
+
+    /// Hold at most `files` batched bodies, and so their fds, at a time (default
+    /// [`WINDOW_FILES`]): for a caller that shares an fd budget among several importers.
+    pub fn set_window_files(&mut self, files: usize) {
+        self.window_files = files.clamp(1, WINDOW_FILES);
     }
 
     /// Hand on the batch being filled: to `pool`, or stored right here without one.
@@ -325,7 +335,7 @@ impl<'r> LayerImporter<'r> {
             "the file for the body at tar offset {at} ended after {n} of {size} bytes"
         );
         self.sha.update(&data);
-        while self.in_flight.0 >= WINDOW_FILES
+        while self.in_flight.0 >= self.window_files
             || (self.in_flight.0 > 0 && self.in_flight.1 + size > WINDOW_BYTES)
         {
             self.settle(Until::OneBody, pool)?;
@@ -430,7 +440,8 @@ impl<'r> LayerImporter<'r> {
         Ok(())
     }
 
-    /// Counters so far.
+    /// Counters so far (batched bodies count once stored; see
+    /// [`finish_with_stats`](Self::finish_with_stats)).
     pub fn stats(&self) -> &ImportStats {
         &self.stats
     }
@@ -441,7 +452,16 @@ impl<'r> LayerImporter<'r> {
     ///
     /// # Errors
     /// Truncated tar, diff_id mismatch (the message names both digests), or I/O errors.
-    pub fn finish(mut self, diff_id: &str) -> anyhow::Result<ObjectId> {
+    pub fn finish(self, diff_id: &str) -> anyhow::Result<ObjectId> {
+        self.finish_with_stats(diff_id).map(|(id, _)| id)
+    }
+
+    /// [`finish`](Self::finish), also returning the final counters: batched bodies are only
+    /// counted once stored, so [`stats`](Self::stats) before the end can be short.
+    ///
+    /// # Errors
+    /// As [`finish`](Self::finish).
+    pub fn finish_with_stats(mut self, diff_id: &str) -> anyhow::Result<(ObjectId, ImportStats)> {
         self.settle(Until::All, None)
             .with_context(|| format!("layer {diff_id}"))?;
         check_digest(diff_id).with_context(|| format!("layer {diff_id}"))?;
@@ -453,9 +473,11 @@ impl<'r> LayerImporter<'r> {
             got == diff_id,
             "layer {diff_id}: the tar's sha256 is {got}; refusing to store it under that diff_id"
         );
-        self.writer
+        let id = self
+            .writer
             .finish()
-            .with_context(|| format!("storing the splitstream of layer {diff_id}"))
+            .with_context(|| format!("storing the splitstream of layer {diff_id}"))?;
+        Ok((id, self.stats))
     }
 }
 
