@@ -431,6 +431,49 @@ fn pull_under_ulimit_64_with_more_workers_than_fds_allow() {
 }
 
 #[test]
+fn pull_peak_rss_stays_under_64_mib() {
+    // The memory bound, on the largest fixture layers by bytes and by file count:
+    // bodies are streamed or held in a bounded window, never gathered per layer.
+    let Some((f, _)) = tools() else { return };
+    if !Path::new("/usr/bin/time").exists() {
+        println!("SKIP: /usr/bin/time (Debian package time) is not installed");
+        return;
+    }
+    for name in ["big", "many"] {
+        let image = f.image(name);
+        let source = format!("{}{}", f.store_arg(), image.reference);
+        let (t, repo) = repo_dir(f, &format!("rss-{name}"));
+        let rss_file = t.path().join("rss");
+        let out = Command::new("/usr/bin/time")
+            .args(["-f", "%M", "-o"])
+            .arg(&rss_file)
+            .args([BIN, "pull", &source, "--repo"])
+            .arg(&repo)
+            .args(["--tag", name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kib: u64 = std::fs::read_to_string(&rss_file)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        println!(
+            "peak RSS of `splitfdstream pull` of {name}: {:.1} MiB",
+            kib as f64 / 1024.0
+        );
+        assert!(kib < 64 * 1024, "{name}: peak RSS {kib} KiB");
+    }
+}
+
+#[test]
 fn concurrent_pulls_into_one_repository() {
     let Some((f, cfsctl)) = tools() else { return };
     let (_t, repo) = repo_dir(f, "concurrent");

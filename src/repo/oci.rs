@@ -60,6 +60,9 @@ const WINDOW_BYTES: u64 = 4 << 20;
 /// [`LayerImporter::set_window_files`] lowers it.
 pub const WINDOW_FILES: usize = 256;
 
+/// Largest body buffer kept for reuse (at most [`BATCH_FILES`] of them per layer).
+const SPARE_MAX_CAPACITY: usize = 64 << 10;
+
 /// A splitstream entry that waits for an earlier body still being stored.
 enum Pending {
     Inline(Vec<u8>),
@@ -271,7 +274,9 @@ impl<'r> LayerImporter<'r> {
             self.pending.pop_front();
             self.in_flight.0 -= 1;
             self.in_flight.1 -= size;
-            if self.spare.len() < BATCH_FILES {
+            // Keep small buffers for reuse; a large one would keep its capacity for every
+            // later small body, so its memory goes back at once.
+            if self.spare.len() < BATCH_FILES && data.capacity() <= SPARE_MAX_CAPACITY {
                 self.spare.push(data);
             }
             let (id, method) = result?;
