@@ -46,8 +46,8 @@ const RESERVED_FDS: u64 = 32;
 /// producer and client on inline-heavy layers.
 const PIPE_SIZE: usize = 1 << 20;
 
-/// The fd window for this process: half of what RLIMIT_NOFILE leaves after [`RESERVED_FDS`],
-/// at least 1, at most [`MAX_WINDOW`].
+/// The fd window for this process: half of what the soft RLIMIT_NOFILE leaves after 32 fds
+/// reserved for everything else, at least 1, at most 512.
 pub fn fd_window() -> usize {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
