@@ -354,8 +354,8 @@ fn raise_fd_limit() {
 }
 
 fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyhow::Result<()> {
-    raise_fd_limit();
     use std::io::IsTerminal;
+    raise_fd_limit();
     let bar = Bar {
         total_bytes: AtomicU64::new(0),
         bytes: AtomicU64::new(0),

@@ -1,5 +1,7 @@
 //! Peak RSS of `tar` on a layer of 100,000 tiny files stays under 32 MiB (helper included).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -58,34 +60,9 @@ $b rm "$c" >/dev/null
         graph.display(),
         run.display()
     );
-    let rss_file = dir.join("rss");
-    let out = Command::new("/usr/bin/time")
-        .args(["-f", "%M", "-o"])
-        .arg(&rss_file)
-        .args([
-            env!("CARGO_BIN_EXE_splitfdstream"),
-            "tar",
-            &source,
-            "--layer",
-            "0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let kib = common::tools::peak_rss_kib(
+        Command::new(env!("CARGO_BIN_EXE_splitfdstream")).args(["tar", &source, "--layer", "0"]),
     );
-    let kib: u64 = std::fs::read_to_string(&rss_file)
-        .unwrap()
-        .trim()
-        .lines()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap();
     println!(
         "peak RSS of `splitfdstream tar` on {FILES} files: {:.1} MiB",
         kib as f64 / 1024.0

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures;
-use common::tools::{Unmount, cfs, cfsctl, run, snapshot};
+use common::tools::{Unmount, cfs, cfsctl, peak_rss_kib, run, snapshot};
 
 const BIN: &str = env!("CARGO_BIN_EXE_splitfdstream");
 
@@ -442,29 +442,13 @@ fn pull_peak_rss_stays_under_64_mib() {
     for name in ["big", "many"] {
         let image = f.image(name);
         let source = format!("{}{}", f.store_arg(), image.reference);
-        let (t, repo) = repo_dir(f, &format!("rss-{name}"));
-        let rss_file = t.path().join("rss");
-        let out = Command::new("/usr/bin/time")
-            .args(["-f", "%M", "-o"])
-            .arg(&rss_file)
-            .args([BIN, "pull", &source, "--repo"])
-            .arg(&repo)
-            .args(["--tag", name])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let (_t, repo) = repo_dir(f, &format!("rss-{name}"));
+        let kib = peak_rss_kib(
+            Command::new(BIN)
+                .args(["pull", &source, "--repo"])
+                .arg(&repo)
+                .args(["--tag", name]),
         );
-        let kib: u64 = std::fs::read_to_string(&rss_file)
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
         println!(
             "peak RSS of `splitfdstream pull` of {name}: {:.1} MiB",
             kib as f64 / 1024.0

@@ -417,7 +417,8 @@ impl Repository {
         }
         let tmp = self.create_tmp_object_for(&id)?;
         write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
-        self.commit_tmp_object(tmp, &id, data.len() as u64)?;
+        // Just found absent: link without asking again (a racing writer shows as EEXIST).
+        self.link_tmp_object(tmp, &id)?;
         Ok(id)
     }
 

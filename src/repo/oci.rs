@@ -330,8 +330,9 @@ impl<'r> LayerImporter<'r> {
             st.st_mode,
             st.st_size
         );
+        // Resized, not cleared: the read below overwrites every byte (or fails), so only
+        // growth needs zeroing.
         let mut data = self.spare.pop().unwrap_or_default();
-        data.clear();
         data.resize(size as usize, 0);
         let n = read_full_at(fd.as_fd(), &mut data, 0)
             .with_context(|| format!("reading the file body at tar offset {at}"))?;
