@@ -778,8 +778,15 @@ impl<'t> Writer<'t> {
     }
 
     fn xattr_entry_size(&self, x: XRef) -> u64 {
-        let (_, s, v) = self.parts(x);
-        (4 + s.len() as u64 + v.len() as u64).next_multiple_of(4)
+        // Sizes only: building the values would format a digest per object xattr.
+        let value_len = match x {
+            XRef::Plain(p) => self.plains[p as usize].value.len(),
+            // 0, 4 + digest length, 0, algorithm, digest (as `parts` builds it)
+            XRef::Meta(o) => 4 + self.tree.object(o).len(),
+            // "/XX/" + the rest of the digest in hex
+            XRef::Redir(o) => 2 + 2 * self.tree.object(o).len(),
+        };
+        (4 + self.name(x).1.len() as u64 + value_len as u64).next_multiple_of(4)
     }
 
     /// Byte size of the inode's xattr area.
