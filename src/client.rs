@@ -264,7 +264,10 @@ impl Proxy {
         rustix::process::Pid::from_child(&self.child)
     }
 
-    /// Most fds asked for per `GetLayerFds` (sized from this process's RLIMIT_NOFILE).
+    /// Most fds asked for per `GetLayerFds`: half of this process's soft RLIMIT_NOFILE (less a
+    /// reserve) by default, as if this proxy were the only one. A program that streams through
+    /// several proxies at once must divide the limit among them with
+    /// [`set_fd_batch`](Self::set_fd_batch), as [`crate::pull::pull`] does.
     pub fn fd_batch(&self) -> u32 {
         self.fd_batch
     }
