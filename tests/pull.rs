@@ -410,22 +410,15 @@ fn pull_under_ulimit_64_with_more_workers_than_fds_allow() {
     let many = f.image("many");
     let source = format!("{}{}", f.store_arg(), many.reference);
     let (_t, repo) = repo_dir(f, "ulimit");
-    let out = Command::new("sh")
+    let out = run(Command::new("sh")
         .args([
             "-c",
             "ulimit -n 64 && exec \"$0\" pull \"$1\" --repo \"$2\" --tag many --jobs 8 --json",
             BIN,
             &source,
         ])
-        .arg(&repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        .arg(&repo));
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(summary["imageId"], many.id.as_str());
     fsck_ok(&cfsctl, &repo);
 }

@@ -23,23 +23,15 @@ pub fn cfsctl() -> Option<PathBuf> {
     })
 }
 
-/// Run `cmd` (stdout discarded) under `/usr/bin/time`, which must exist; `cmd` must succeed.
+/// Run `cmd` under `/usr/bin/time`, which must exist; `cmd` must succeed.
 /// Its peak RSS in KiB: the largest of the process and the children it waited for (helpers).
 pub fn peak_rss_kib(cmd: &Command) -> u64 {
     let rss = tempfile::NamedTempFile::new().unwrap();
-    let out = Command::new("/usr/bin/time")
+    run(Command::new("/usr/bin/time")
         .args(["-f", "%M", "-o"])
         .arg(rss.path())
         .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .stdout(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .args(cmd.get_args()));
     // time(1) prefixes a "Command exited…" line when the command fails; the figure is last.
     std::fs::read_to_string(rss.path())
         .unwrap()
