@@ -18,7 +18,7 @@ use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
 use splitfdstream::pull::{LayerStatus, Progress, PullOptions};
-use splitfdstream::repo::HashAlg;
+use splitfdstream::repo::{HashAlg, SourceTrust};
 
 /// `--hash` values.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -81,6 +81,17 @@ enum Cmd {
         /// Digest for a new repository.
         #[arg(long, value_enum)]
         hash: Option<HashArg>,
+        /// Create the repository without fs-verity if it does not exist (as `cfsctl init
+        /// --insecure`); needed on filesystems without fs-verity. An existing repository
+        /// keeps its mode.
+        #[arg(long)]
+        insecure: bool,
+        /// Treat the source store as one others may rewrite: hash every object from its own
+        /// bytes (cloned first, then read) instead of from the source before cloning it. The
+        /// default does this only for files not owned by root or the repository's owner, or
+        /// in a store whose root directory is not.
+        #[arg(long)]
+        untrusted_source: bool,
         /// Layers imported in parallel (default: cores, at most 8).
         #[arg(long)]
         jobs: Option<usize>,
@@ -139,12 +150,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             repo,
             tag,
             hash,
+            insecure,
+            untrusted_source,
             jobs,
             json,
             inline_threshold,
         } => {
             let opts = PullOptions {
                 hash: hash.map(HashArg::alg),
+                insecure,
+                untrusted_source,
                 tag,
                 jobs,
                 inline_threshold,
@@ -397,7 +412,16 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
                 "bytes": l.bytes,
                 "seconds": l.elapsed.as_secs_f64(),
             })).collect::<Vec<_>>(),
-            "objects": {"reflinked": s.objects.reflinked, "copied": s.objects.copied, "reused": s.objects.reused},
+            "objects": {
+                "reflinked": s.objects.reflinked,
+                "copied": s.objects.copied,
+                "reused": s.objects.reused,
+                "hashedFromSource": s.objects.hashed_from_source,
+            },
+            "sourceTrust": match s.source_trust {
+                SourceTrust::Owners { .. } => "owners",
+                SourceTrust::Untrusted => "untrusted",
+            },
             "seconds": s.elapsed.as_secs_f64(),
             "finalizeSeconds": s.finalize.as_secs_f64(),
         });

@@ -26,7 +26,9 @@ use crate::client::{LayerItem, Proxy, ProxyConfig};
 use crate::proto::rpc::{self, LayerInfo, LayerSelector};
 use crate::proto::source::ImageRef;
 use crate::repo::oci::{ImportStats, LayerImporter, prepare_image, publish_layer};
-use crate::repo::{BodyPool, HashAlg, ObjectId, Repository, with_body_pool};
+use crate::repo::{
+    BodyPool, HashAlg, ObjectId, RepoError, RepoOptions, Repository, SourceTrust, with_body_pool,
+};
 
 /// Receives progress reports; the CLI draws a bar from them. All methods default to nothing.
 pub trait Progress: Sync {
@@ -48,6 +50,13 @@ impl Progress for NoProgress {}
 pub struct PullOptions {
     /// Digest for a new repository (default sha512); must match an existing one.
     pub hash: Option<HashAlg>,
+    /// Allow creating the repository without fs-verity (see [`RepoOptions::insecure`]).
+    pub insecure: bool,
+    /// Treat every source file as one that others may rewrite: each object is then hashed
+    /// from its own bytes ([`SourceTrust::Untrusted`]). By default, files owned by root or by
+    /// the repository's owner, in a store whose root directory is too, are hashed as they are
+    /// read and reflinked afterwards (see [`SourceTrust::Owners`]).
+    pub untrusted_source: bool,
     /// Tag to write (`streams/refs/oci/<tag>`); default: the source reference as given.
     pub tag: Option<String>,
     /// Layers imported in parallel (one helper each); default: available cores, at most 8.
@@ -103,6 +112,8 @@ pub struct PullSummary {
     pub erofs_skipped: Option<String>,
     /// Objects by how they were stored.
     pub objects: ObjectCounts,
+    /// Whose source files were trusted (see [`PullOptions::untrusted_source`]).
+    pub source_trust: SourceTrust,
     /// Wall time.
     pub elapsed: Duration,
     /// Of that, the time after the last layer: EROFS image, config and manifest, syncs, links.
@@ -118,6 +129,9 @@ pub struct ObjectCounts {
     pub copied: u64,
     /// Already in the repository.
     pub reused: u64,
+    /// Of the new and reused objects, those named from their trusted source's bytes, read
+    /// before the object was made (the rest were named from the object's own bytes).
+    pub hashed_from_source: u64,
 }
 
 impl ObjectCounts {
@@ -125,6 +139,7 @@ impl ObjectCounts {
         self.reflinked += s.objects_reflinked;
         self.copied += s.objects_copied;
         self.reused += s.objects_present;
+        self.hashed_from_source += s.bodies_hashed_from_source;
     }
 }
 
@@ -146,8 +161,17 @@ pub fn pull(
     progress: &dyn Progress,
 ) -> anyhow::Result<PullSummary> {
     let start = Instant::now();
-    let repo = Repository::open_or_create(repo_path, opts.hash)
-        .with_context(|| format!("opening repository {}", repo_path.display()))?;
+    let repo_opts = RepoOptions {
+        hash: opts.hash,
+        insecure: opts.insecure,
+    };
+    let repo = Repository::open_or_create(repo_path, &repo_opts).map_err(|e| {
+        if e.downcast_ref::<RepoError>().is_some() {
+            e
+        } else {
+            e.context(format!("opening repository {}", repo_path.display()))
+        }
+    })?;
     let proxy_config = ProxyConfig {
         store: source.store.clone(),
         helper_exe: opts.helper_exe.clone(),
@@ -156,6 +180,11 @@ pub fn pull(
     let mut proxy = Proxy::spawn(&proxy_config)?;
     let image = proxy.open_image(&source.reference)?;
     check_image(&image)?;
+    let trust = if opts.untrusted_source {
+        SourceTrust::Untrusted
+    } else {
+        store_trust(&repo, image.store_root.as_deref())?
+    };
     let tag = opts.tag.clone().unwrap_or_else(|| source.reference.clone());
     anyhow::ensure!(
         !tag.is_empty(),
@@ -226,7 +255,7 @@ pub fn pull(
                 window_files: fds.window,
             };
             let r = import_layer(
-                &repo, &bodies, proxy, handle, index, layer, threshold, progress, &counts,
+                &repo, &bodies, proxy, handle, index, layer, threshold, trust, progress, &counts,
             )
             .with_context(|| format!("layer {index} ({})", layer.diff_id));
             progress.layer_done(index);
@@ -338,6 +367,7 @@ pub fn pull(
         erofs_image: published.erofs_image.map(|id| id.to_string()),
         erofs_skipped: published.erofs_skipped,
         objects: counts.into_inner().unwrap_or_else(|e| e.into_inner()),
+        source_trust: trust,
         elapsed: start.elapsed(),
         finalize: start.elapsed().saturating_sub(layers_done),
     })
@@ -346,6 +376,24 @@ pub fn pull(
 #[allow(clippy::print_stderr)]
 fn eprintln_worker_failure(e: &anyhow::Error) {
     eprintln!("splitfdstream: a pull worker could not start its helper: {e:#}");
+}
+
+/// Whose source files may be hashed before they are cloned: the repository owner's and
+/// root's when the store's root directory (as the helper reports it) belongs to one of them and
+/// nobody else may write to it, so that nobody who could not rewrite the repository anyway can
+/// change a source file between its read and its clone; otherwise nobody's. The per-file check
+/// of [`SourceTrust::Owners`] still applies to each body, so a helper that misreports its
+/// root gains nothing.
+fn store_trust(repo: &Repository, store_root: Option<&str>) -> anyhow::Result<SourceTrust> {
+    let owner = repo.owner()?;
+    let trusted = store_root
+        .and_then(|root| rustix::fs::stat(root).ok())
+        .is_some_and(|st| (st.st_uid == 0 || st.st_uid == owner) && st.st_mode & 0o022 == 0);
+    Ok(if trusted {
+        SourceTrust::Owners { uid: owner }
+    } else {
+        SourceTrust::Untrusted
+    })
 }
 
 /// The manifest and config must hash to their digests, and the config's diff_ids must be the
@@ -456,6 +504,7 @@ fn import_layer(
     index: usize,
     layer: &LayerInfo,
     threshold: u64,
+    trust: SourceTrust,
     progress: &dyn Progress,
     counts: &Mutex<ObjectCounts>,
 ) -> LayerResult {
@@ -464,6 +513,7 @@ fn import_layer(
         proxy.get_layer(handle, LayerSelector::Index(index as u64), Some(threshold))?;
     let mut importer = LayerImporter::new(repo)?;
     importer.set_window_files(bodies.window_files);
+    importer.set_source_trust(trust);
     let (mut files, mut bytes) = (0u64, 0u64);
     while let Some(item) = stream.next_item()? {
         match item {

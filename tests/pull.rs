@@ -23,12 +23,13 @@ fn repo_dir(f: &common::Fixtures, what: &str) -> (tempfile::TempDir, PathBuf) {
     (t, repo)
 }
 
-/// `splitfdstream pull SOURCE --repo REPO --tag TAG --json`: the parsed summary, or the stderr.
+/// `splitfdstream pull SOURCE --repo REPO --tag TAG --json --insecure` (the test filesystems
+/// have no fs-verity): the parsed summary, or the stderr.
 fn pull(source: &str, repo: &Path, tag: &str, extra: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new(BIN)
         .args(["pull", source, "--repo"])
         .arg(repo)
-        .args(["--tag", tag, "--json"])
+        .args(["--tag", tag, "--json", "--insecure"])
         .args(extra)
         .output()
         .unwrap();
@@ -353,7 +354,7 @@ fn sigkill_mid_pull_then_rerun() {
         let mut child = Command::new(BIN)
             .args(["pull", &source, "--repo"])
             .arg(&repo)
-            .args(["--tag", "big"])
+            .args(["--tag", "big", "--insecure"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -440,7 +441,7 @@ fn pull_peak_rss_stays_under_64_mib() {
             Command::new(BIN)
                 .args(["pull", &source, "--repo"])
                 .arg(&repo)
-                .args(["--tag", name]),
+                .args(["--tag", name, "--insecure"]),
         );
         println!(
             "peak RSS of `splitfdstream pull` of {name}: {:.1} MiB",
@@ -525,4 +526,64 @@ fn readme_example_pulls() {
     fsck_ok(&cfsctl, &repo);
     let id = cfs(&cfsctl, &repo, &["oci", "compute-id", "hello"]);
     assert_eq!(Some(id.trim()), s["erofsImage"].as_str());
+}
+
+/// A new repository needs fs-verity unless `--insecure` asks for one without (as `cfsctl init`
+/// does); an existing repository keeps the mode its `meta.json` records.
+#[test]
+fn insecure_repositories_only_on_request() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let source = format!("{}{}", f.store_arg(), f.image("basic").reference);
+    let (_t, repo) = repo_dir(f, "secure");
+    let out = Command::new(BIN)
+        .args(["pull", &source, "--repo"])
+        .arg(&repo)
+        .args(["--tag", "basic"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        // A kernel with fs-verity on XFS: the repository must then be a secure one.
+        println!("NOTE: this XFS has fs-verity; checked the secure repository instead");
+        let meta = repo.join("meta.json");
+        let measured = Command::new("fsverity").arg("measure").arg(&meta).output();
+        assert!(
+            measured.is_ok_and(|o| o.status.success()),
+            "a repository created without --insecure has no fs-verity on meta.json"
+        );
+        fsck_ok(&cfsctl, &repo);
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot create repository {}: its filesystem (xfs) has no fs-verity; pass --insecure",
+            repo.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !repo.exists(),
+        "a refused repository left {} behind",
+        repo.display()
+    );
+
+    // With the flag it works, and later pulls into it need none.
+    let s = pull(&source, &repo, "basic", &[]).unwrap();
+    assert_eq!(s["imageId"], f.image("basic").id.as_str());
+    for name in ["odd", "basic"] {
+        let source = format!("{}{}", f.store_arg(), f.image(name).reference);
+        let out = Command::new(BIN)
+            .args(["pull", &source, "--repo"])
+            .arg(&repo)
+            .args(["--tag", &format!("again-{name}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pull into an existing insecure repository without --insecure: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fsck_ok(&cfsctl, &repo);
 }

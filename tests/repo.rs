@@ -16,8 +16,8 @@ mod common;
 use common::tools::cfsctl;
 use sha2::{Digest, Sha256};
 use splitfdstream::repo::{
-    BodyPool, HashAlg, LayerImporter, ObjectId, Repository, SplitStreamReader, StoreMethod,
-    prepare_image, publish_image, publish_layer, with_body_pool,
+    BodyPool, HashAlg, LayerImporter, ObjectId, RepoOptions, Repository, SourceTrust,
+    SplitStreamReader, StoreMethod, prepare_image, publish_image, publish_layer, with_body_pool,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ fn layer_roundtrip(alg: HashAlg, format: &str, feed: Feed) {
     let diff_id = sha256_digest(&tar);
 
     let ours = tmp.path().join("ours");
-    let repo = Repository::open_or_create(&ours, Some(alg)).unwrap();
+    let repo = Repository::open_or_create(&ours, &insecure(Some(alg))).unwrap();
     let (stream, methods) = import(&repo, &tar, feed, Some(&src)).unwrap();
     assert!(
         methods.iter().any(|m| m.is_some()),
@@ -475,7 +475,8 @@ fn layer_sha512_pooled_bodies_keep_tar_order() {
 #[test]
 fn pooled_body_of_the_wrong_size_is_refused() {
     let tmp = tempdir();
-    let repo = Repository::open_or_create(&tmp.path().join("r"), Some(HashAlg::Sha256)).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(Some(HashAlg::Sha256)))
+        .unwrap();
     let src = tmp.path().join("src");
     make_tree(&src, 3);
     let tar = make_tar(&src, "posix");
@@ -529,7 +530,7 @@ fn many_small_files_spill_and_match_cfsctl() {
     );
     let diff_id = sha256_digest(&tar);
     let ours = tmp.path().join("ours");
-    let repo = Repository::open_or_create(&ours, Some(HashAlg::Sha256)).unwrap();
+    let repo = Repository::open_or_create(&ours, &insecure(Some(HashAlg::Sha256))).unwrap();
     let mut imp = LayerImporter::new(&repo).unwrap();
     for c in tar.chunks(100_000) {
         imp.inline(c).unwrap();
@@ -570,7 +571,7 @@ fn pre_1970_mtime_imports_but_skips_erofs() {
     let pax = String::from_utf8_lossy(&layers[0]).contains("mtime=-");
     assert!(pax, "GNU tar wrote a negative PAX mtime");
     let (manifest, config) = make_layout(&tmp.path().join("layout"), &layers, "old");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
     let published = import_image(&repo, &layers, &manifest, &config, "old");
     assert_eq!(published.erofs_image, None);
     let why = published.erofs_skipped.unwrap();
@@ -588,7 +589,7 @@ fn diff_id_mismatch_publishes_nothing() {
     let src = tmp.path().join("src");
     make_tree(&src, 2);
     let tar = make_tar(&src, "gnu");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
     let mut imp = LayerImporter::new(&repo).unwrap();
     imp.inline(&tar).unwrap();
     let wrong = sha256_digest(b"something else");
@@ -605,7 +606,7 @@ fn truncated_tar_and_misplaced_file_are_errors() {
     let src = tmp.path().join("src");
     make_tree(&src, 3);
     let tar = make_tar(&src, "gnu");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
 
     let mut imp = LayerImporter::new(&repo).unwrap();
     imp.inline(&tar[..1000]).unwrap();
@@ -630,7 +631,7 @@ fn repository_metadata_and_algorithm() {
     let tmp = tempdir();
     let path = tmp.path().join("r");
     {
-        let repo = Repository::open_or_create(&path, None).unwrap();
+        let repo = Repository::open_or_create(&path, &insecure(None)).unwrap();
         assert_eq!(repo.algorithm(), HashAlg::Sha512);
     }
     assert_eq!(
@@ -644,12 +645,12 @@ fn repository_metadata_and_algorithm() {
     assert_eq!(v["erofs_formats"]["default"], 1);
     // Existing repository: algorithm honoured; a conflicting request is an error.
     assert_eq!(
-        Repository::open_or_create(&path, Some(HashAlg::Sha512))
+        Repository::open_or_create(&path, &insecure(Some(HashAlg::Sha512)))
             .unwrap()
             .algorithm(),
         HashAlg::Sha512
     );
-    let err = Repository::open_or_create(&path, Some(HashAlg::Sha256)).unwrap_err();
+    let err = Repository::open_or_create(&path, &insecure(Some(HashAlg::Sha256))).unwrap_err();
     assert!(
         format!("{err:#}").contains("uses fsverity-sha512-12"),
         "{err:#}"
@@ -668,7 +669,9 @@ fn repository_metadata_and_algorithm() {
             .args(["init", "--insecure", "--algorithm", "fsverity-sha256-12"])
             .arg(&t256));
         assert_eq!(
-            Repository::open_or_create(&t256, None).unwrap().algorithm(),
+            Repository::open_or_create(&t256, &insecure(None))
+                .unwrap()
+                .algorithm(),
             HashAlg::Sha256
         );
     } else {
@@ -683,19 +686,26 @@ fn repository_metadata_and_algorithm() {
         r#"{"version":1,"algorithm":"fsverity-sha256-12","features":{"incompatible":["future"]}}"#,
     )
     .unwrap();
-    let err = Repository::open_or_create(&bad, None).unwrap_err();
+    let err = Repository::open_or_create(&bad, &insecure(None)).unwrap_err();
     assert!(format!("{err:#}").contains("\"future\""), "{err:#}");
 }
 
 #[test]
 fn store_file_reuses_and_repairs_objects() {
+    for trust in [SourceTrust::Owners { uid: 0 }, SourceTrust::Untrusted] {
+        store_file_reuses_and_repairs_objects_with(trust);
+    }
+}
+
+fn store_file_reuses_and_repairs_objects_with(trust: SourceTrust) {
     let tmp = tempdir();
-    let repo = Repository::open_or_create(&tmp.path().join("r"), Some(HashAlg::Sha256)).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(Some(HashAlg::Sha256)))
+        .unwrap();
     let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
     let fd = memfd_with(&data);
     let mut fed = Vec::new();
     let (id, m) = repo
-        .store_file(fd.as_fd(), data.len() as u64, &mut |c| {
+        .store_file(fd.as_fd(), data.len() as u64, trust, &mut |c| {
             fed.extend_from_slice(c)
         })
         .unwrap();
@@ -703,7 +713,7 @@ fn store_file_reuses_and_repairs_objects() {
     assert_ne!(m, StoreMethod::AlreadyPresent);
     assert_eq!(repo.store_bytes(&data).unwrap(), id);
     let (_, m) = repo
-        .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+        .store_file(fd.as_fd(), data.len() as u64, trust, &mut |_| {})
         .unwrap();
     assert_eq!(m, StoreMethod::AlreadyPresent);
 
@@ -717,13 +727,15 @@ fn store_file_reuses_and_repairs_objects() {
         .set_len(10)
         .unwrap();
     let (_, m) = repo
-        .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+        .store_file(fd.as_fd(), data.len() as u64, trust, &mut |_| {})
         .unwrap();
     assert_eq!(m, StoreMethod::Copied);
     assert_eq!(fs::read(&path).unwrap(), data);
 
     // Announced size must match the file.
-    let err = repo.store_file(fd.as_fd(), 5, &mut |_| {}).unwrap_err();
+    let err = repo
+        .store_file(fd.as_fd(), 5, trust, &mut |_| {})
+        .unwrap_err();
     assert!(
         format!("{err:#}").contains("100000 bytes, but 5 were announced"),
         "{err:#}"
@@ -740,12 +752,17 @@ fn objects_link_with_and_without_cap_dac_read_search() {
     let tmp = tempdir();
     let sizes = [65usize, 4096, 40_000, 300_000];
     let store_all = |dir: &Path| {
-        let repo = Repository::open_or_create(dir, Some(HashAlg::Sha512)).unwrap();
+        let repo = Repository::open_or_create(dir, &insecure(Some(HashAlg::Sha512))).unwrap();
         for (i, size) in sizes.iter().enumerate() {
             let data: Vec<u8> = (0..*size).map(|j| (j * 31 + i) as u8).collect();
             let fd = memfd_with(&data);
             let (id, m) = repo
-                .store_file(fd.as_fd(), data.len() as u64, &mut |_| {})
+                .store_file(
+                    fd.as_fd(),
+                    data.len() as u64,
+                    SourceTrust::Untrusted,
+                    &mut |_| {},
+                )
                 .unwrap();
             assert_eq!(m, StoreMethod::Copied, "size {size}");
             let stored = fs::read(dir.join("objects").join(id.object_path())).unwrap();
@@ -899,7 +916,7 @@ fn oci_image_matches_cfsctl(alg: HashAlg, nlayers: usize) {
     let manifest_digest = sha256_digest(&manifest);
 
     let ours = tmp.path().join("ours");
-    let repo = Repository::open_or_create(&ours, Some(alg)).unwrap();
+    let repo = Repository::open_or_create(&ours, &insecure(Some(alg))).unwrap();
     let published = import_image(&repo, &layers, &manifest, &config, tag);
     let erofs = published.erofs_image.clone().expect("EROFS image built");
     assert!(published.erofs_skipped.is_none());
@@ -943,7 +960,7 @@ fn oci_image_matches_cfsctl(alg: HashAlg, nlayers: usize) {
                 ObjectId::from_hex(&target.replace("../objects/", "").replace('/', "")).unwrap();
             let c =
                 ObjectId::from_hex(&tl[name].replace("../objects/", "").replace('/', "")).unwrap();
-            let theirs_repo = Repository::open_or_create(&theirs, None).unwrap();
+            let theirs_repo = Repository::open_or_create(&theirs, &insecure(None)).unwrap();
             assert_eq!(
                 stream_shape(&repo, &t, b"ocimanif"),
                 stream_shape(&theirs_repo, &c, b"ocimanif"),
@@ -983,7 +1000,7 @@ fn image_without_usr_is_published_without_erofs() {
     fs::write(src.join("hello"), vec![1u8; 1000]).unwrap();
     let layers = vec![make_tar(&src, "gnu")];
     let (manifest, config) = make_layout(&tmp.path().join("layout"), &layers, "x");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
     let mut refs = Vec::new();
     for l in &layers {
         let (id, _) = import(&repo, l, Feed::Memfd, None).unwrap();
@@ -1019,7 +1036,7 @@ fn publish_image_checks_digests_and_layers() {
     make_tree(&src, 5);
     let layers = vec![make_tar(&src, "gnu")];
     let (manifest, config) = make_layout(&tmp.path().join("layout"), &layers, "x");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
     let (id, _) = import(&repo, &layers[0], Feed::Memfd, None).unwrap();
     let refs = vec![(sha256_digest(&layers[0]), id)];
     let wrong = sha256_digest(b"nope");
@@ -1069,7 +1086,7 @@ fn tmpfs_copy_path() {
     let src = tmp.path().join("src");
     make_tree(&src, 6);
     let tar = make_tar(&src, "gnu");
-    let repo = Repository::open_or_create(&tmp.path().join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&tmp.path().join("r"), &insecure(None)).unwrap();
     assert!(repo.insecure(), "tmpfs has no fs-verity");
     let (stream, methods) = import(&repo, &tar, Feed::Files, Some(&src)).unwrap();
     let stored: Vec<_> = methods.iter().flatten().collect();
@@ -1153,7 +1170,7 @@ fn xfs_reflink_path() {
     let src = m.mnt.join("src");
     make_tree(&src, 7);
     let tar = make_tar(&src, "gnu");
-    let repo = Repository::open_or_create(&m.mnt.join("r"), None).unwrap();
+    let repo = Repository::open_or_create(&m.mnt.join("r"), &insecure(None)).unwrap();
     let (stream, methods) = import(&repo, &tar, Feed::Files, Some(&src)).unwrap();
     let stored: Vec<_> = methods.iter().flatten().collect();
     assert!(stored.contains(&&StoreMethod::Reflinked), "{stored:?}");
@@ -1192,7 +1209,7 @@ fn ext4_verity_secure_repository() {
         }
     };
     let path = m.mnt.join("r");
-    let repo = Repository::open_or_create(&path, Some(HashAlg::Sha256)).unwrap();
+    let repo = Repository::open_or_create(&path, &insecure(Some(HashAlg::Sha256))).unwrap();
     if repo.insecure() {
         // ext4 -O verity is only honoured by a kernel with CONFIG_FS_VERITY.
         eprintln!("SKIP: the kernel has no fs-verity (FS_IOC_ENABLE_VERITY unsupported on ext4)");
@@ -1215,4 +1232,13 @@ fn ext4_verity_secure_repository() {
         assert!(cfs(&cfsctl, &path, &["oci", "layer", &sha256_digest(&tar)]) == tar);
     }
     drop(repo);
+}
+
+/// Options for a repository on the test filesystems, which have no fs-verity here (as
+/// `cfsctl init --insecure`).
+fn insecure(hash: Option<HashAlg>) -> RepoOptions {
+    RepoOptions {
+        hash,
+        insecure: true,
+    }
 }

@@ -14,7 +14,7 @@ mod common;
 
 use common::tools::cfsctl;
 use sha2::{Digest, Sha256};
-use splitfdstream::repo::{LayerImporter, Repository, prepare_image};
+use splitfdstream::repo::{HashAlg, LayerImporter, RepoOptions, Repository, prepare_image};
 
 fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(data)))
@@ -144,7 +144,7 @@ fn cfsctl_oci_mount_shows_the_merged_tree() {
     .unwrap();
 
     let repo_path = t.join("repo");
-    let repo = Repository::open_or_create(&repo_path, None).unwrap();
+    let repo = Repository::open_or_create(&repo_path, &insecure(None)).unwrap();
     let refs: Vec<_> = layers
         .iter()
         .map(|l| (sha256_digest(l), import(&repo, l)))
@@ -210,4 +210,13 @@ fn cfsctl_oci_mount_shows_the_merged_tree() {
     old.sort();
     assert_eq!(old, ["new"], "opaque directory hides the lower layer");
     assert_eq!(fs::read(mnt.join("opt/old/new")).unwrap(), vec![9u8; 5000]);
+}
+
+/// Options for a repository on the test filesystems, which have no fs-verity here (as
+/// `cfsctl init --insecure`).
+fn insecure(hash: Option<HashAlg>) -> RepoOptions {
+    RepoOptions {
+        hash,
+        insecure: true,
+    }
 }

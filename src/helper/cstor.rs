@@ -160,6 +160,10 @@ fn is_digest(s: &str) -> bool {
 }
 
 impl Backend for CstorBackend {
+    fn root(&self) -> &Path {
+        self.graphroot()
+    }
+
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError> {
         let (image, manifest, config) = self.read_image(reference)?;
         let id = &image.id;

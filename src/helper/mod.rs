@@ -84,6 +84,9 @@ pub struct OpenedImage {
 
 /// A store kind the helper can serve.
 pub trait Backend: Send + Sync {
+    /// The directory images are served from (graph root, OCI layout), as resolved.
+    fn root(&self) -> &std::path::Path;
+
     /// Resolve `reference` to an image.
     ///
     /// # Errors

@@ -256,6 +256,10 @@ fn is_digest(s: &str) -> bool {
 }
 
 impl Backend for OciBackend {
+    fn root(&self) -> &Path {
+        &self.dir
+    }
+
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError> {
         let index_bytes = self.read_json_file("index.json")?;
         let index: Index = serde_json::from_slice(&index_bytes)

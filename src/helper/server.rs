@@ -293,18 +293,22 @@ impl Session {
     }
 
     fn open_image(&mut self, reference: &str) -> Outcome {
-        let opened = match self.backend().map(|b| b.open_image(reference)) {
+        let backend = match self.backend() {
+            Ok(b) => b,
             Err(e) => return Outcome::Error(e),
-            Ok(Err(BackendError::ImageNotFound(m))) => {
+        };
+        let store_root = backend.root().to_str().map(str::to_owned);
+        let opened = match backend.open_image(reference) {
+            Ok(o) => o,
+            Err(BackendError::ImageNotFound(m)) => {
                 return Outcome::Error(RpcError::new(code::IMAGE_NOT_FOUND, m));
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 return Outcome::Error(RpcError::new(
                     code::STORE_ERROR,
                     format!("opening image {reference:?}: {:#}", anyhow::Error::new(e)),
                 ));
             }
-            Ok(Ok(o)) => o,
         };
         let handle = self.handle_id();
         let result = rpc::OpenImageResult {
@@ -315,6 +319,7 @@ impl Session {
             config: opened.config.clone(),
             config_digest: opened.config_digest.clone(),
             layers: opened.layers.clone(),
+            store_root,
         };
         self.images.insert(handle, Arc::new(opened));
         reply(&result, Vec::new())

@@ -576,7 +576,14 @@ mod tests {
     #[test]
     fn compact_writer_matches_composefs_byte_for_byte() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo = Repository::open_or_create(&tmp.path().join("repo"), None).unwrap();
+        let repo = Repository::open_or_create(
+            &tmp.path().join("repo"),
+            &crate::repo::RepoOptions {
+                insecure: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let big: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let other: Vec<u8> = vec![7u8; 70_000];
         let cap: &[u8] =

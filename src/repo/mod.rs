@@ -219,6 +219,103 @@ pub enum StoreMethod {
     AlreadyPresent,
 }
 
+/// How [`Repository::open_or_create`] creates a repository that does not exist yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepoOptions {
+    /// Digest of a new repository (default SHA-512, as `cfsctl init`); an existing repository
+    /// must use the same one when this is given.
+    pub hash: Option<HashAlg>,
+    /// Create a new repository without fs-verity (`cfsctl init --insecure`): object digests
+    /// are then computed in userspace only and nothing but file permissions protects objects
+    /// from being changed. Without it, creating a repository on a filesystem that lacks
+    /// fs-verity fails. An existing repository keeps the mode its `meta.json` records.
+    pub insecure: bool,
+}
+
+/// Repository errors a caller may branch on.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RepoError {
+    /// A new repository would need fs-verity, which its filesystem lacks.
+    #[error(
+        "cannot create repository {}: its filesystem ({filesystem}) has no fs-verity; \
+         pass --insecure to create it without (as `cfsctl init --insecure` does)",
+        path.display()
+    )]
+    NoFsVerity {
+        /// The repository directory.
+        path: PathBuf,
+        /// The filesystem type, as `stat -f` names it (`xfs`, `ext4`, …).
+        filesystem: String,
+    },
+}
+
+/// The type of the filesystem holding `fd`, by name for the common ones (`statfs` magic).
+fn filesystem_name(fd: impl AsFd) -> String {
+    const NAMES: &[(u64, &str)] = &[
+        (0x5846_5342, "xfs"),
+        (0xef53, "ext2/ext3/ext4"),
+        (0x9123_683e, "btrfs"),
+        (0xf2f5_2010, "f2fs"),
+        (0x0102_1994, "tmpfs"),
+        (0x794c_7630, "overlay"),
+        (0x6969, "nfs"),
+        (0x6573_5546, "fuse"),
+        (0x2fc1_2fc1, "zfs"),
+        (0x5346_544e, "ntfs"),
+        (0x4d44, "vfat"),
+    ];
+    match rustix::fs::fstatfs(fd) {
+        Ok(st) => {
+            // `f_type` is signed on some targets; the magic numbers are 32-bit.
+            let magic = st.f_type as u64 & 0xffff_ffff;
+            NAMES
+                .iter()
+                .find(|(m, _)| *m == magic)
+                .map_or_else(|| format!("type {magic:#x}"), |(_, n)| (*n).to_owned())
+        }
+        Err(e) => format!("unknown: {e}"),
+    }
+}
+
+/// Who else may change a source file's bytes during and after its import, and so whether an
+/// object may be named from bytes read out of the source before the object is made from it.
+///
+/// A reflink (`FICLONE`) copies whatever the source holds *when it is cloned*. Naming the
+/// object from an earlier read of the source is only sound when nobody who could rewrite the
+/// source in between could not rewrite the repository anyway. Otherwise an object is named by
+/// hashing its own bytes: it is cloned first and the clone is read (and fed to the layer's
+/// sha256), or it is written from the very buffer that was hashed.
+///
+/// With fs-verity (a secure repository) the kernel measures every object after it is made
+/// and the measurement must equal the name, so either way no mismatched object is linked;
+/// without it (an insecure repository) this choice is what keeps names true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceTrust {
+    /// Source files owned by root or by `uid` (the repository's owner, who could rewrite the
+    /// repository anyway) and writable by nobody else (no group or other write bit, so no ACL
+    /// grants it either) are hashed as they are read and reflinked afterwards: one read, from
+    /// the source's page cache. Every other file is treated as [`SourceTrust::Untrusted`].
+    Owners {
+        /// The repository owner's uid.
+        uid: u32,
+    },
+    /// Every object is hashed from its own bytes.
+    Untrusted,
+}
+
+impl SourceTrust {
+    /// May the file with status `st` be hashed before it is cloned?
+    pub(crate) fn trusts(self, st: &rustix::fs::Stat) -> bool {
+        match self {
+            SourceTrust::Owners { uid } => {
+                (st.st_uid == 0 || st.st_uid == uid) && st.st_mode & 0o022 == 0
+            }
+            SourceTrust::Untrusted => false,
+        }
+    }
+}
+
 /// The EROFS image formats a repository asks for (`meta.json` `erofs_formats`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ErofsFormats {
@@ -351,6 +448,9 @@ pub struct Repository {
     reflink_ok_from: Mutex<HashSet<u64>>,
     /// Reusable read buffers for [`Repository::store_file`].
     buffers: Mutex<Vec<Vec<u8>>>,
+    /// Round-robin counter choosing the `objects/XX/` of a tmpfile made before its object's
+    /// name is known (a clone that is hashed afterwards).
+    next_fanout: AtomicU8,
     /// `objects/` has been seen to lack fs-verity (insecure repositories only): objects are
     /// then linked straight from their tmpfile, without the read-only reopen that enabling
     /// fs-verity needs.
@@ -401,23 +501,27 @@ pub(crate) fn proc_fd_path(fd: BorrowedFd<'_>) -> String {
 impl Repository {
     /// Open the repository at `path`, creating it (and its directory, mode 0700) if missing.
     ///
-    /// A new repository uses `hash` (default SHA-512) and V1 EROFS images, like `cfsctl init`.
-    /// When the filesystem has no fs-verity, it is created "insecure" (like
-    /// `cfsctl init --insecure`): digests are computed in userspace only. An existing
-    /// repository keeps its algorithm; `hash`, when given, must agree with it.
+    /// A new repository uses `opts.hash` (default SHA-512) and V1 EROFS images, like
+    /// `cfsctl init`. It requires fs-verity, like `cfsctl init`, unless `opts.insecure` asks
+    /// for a repository without it (`cfsctl init --insecure`: digests computed in userspace
+    /// only); on a filesystem without fs-verity, creating a secure repository fails with
+    /// [`RepoError::NoFsVerity`] before anything is written. An existing repository keeps the
+    /// mode its `meta.json` records and its algorithm; `opts.hash`, when given, must agree.
     ///
     /// # Errors
-    /// Conflicting algorithm, unknown incompatible or read-only-compatible features, a newer
-    /// format version, a read-only repository, an old-format repository without `meta.json`,
-    /// or I/O errors.
-    pub fn open_or_create(path: &Path, hash: Option<HashAlg>) -> anyhow::Result<Repository> {
-        match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
-            Ok(()) | Err(Errno::EXIST) => {}
+    /// No fs-verity for a new secure repository, conflicting algorithm, unknown incompatible
+    /// or read-only-compatible features, a newer format version, a read-only repository, an
+    /// old-format repository without `meta.json`, or I/O errors.
+    pub fn open_or_create(path: &Path, opts: &RepoOptions) -> anyhow::Result<Repository> {
+        let hash = opts.hash;
+        let created = match rustix::fs::mkdir(path, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(Errno::EXIST) => false,
             Err(e) => {
                 return Err(e)
                     .with_context(|| format!("creating repository directory {}", path.display()));
             }
-        }
+        };
         let dir = rustix::fs::open(
             path,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -453,7 +557,15 @@ impl Repository {
                             .with_context(|| format!("checking {}/objects", path.display()));
                     }
                 }
-                create_meta(&dir, path, hash.unwrap_or(HashAlg::Sha512))?;
+                if let Err(e) =
+                    create_meta(&dir, path, hash.unwrap_or(HashAlg::Sha512), opts.insecure)
+                {
+                    // Refused before anything was written: leave no empty repository behind.
+                    if created {
+                        let _ = rustix::fs::rmdir(path);
+                    }
+                    return Err(e);
+                }
                 read_meta(&dir, path)?.with_context(|| {
                     format!("{}/{META_JSON} vanished after creation", path.display())
                 })?
@@ -518,6 +630,7 @@ impl Repository {
             no_reflink_from: Mutex::new(HashSet::new()),
             reflink_ok_from: Mutex::new(HashSet::new()),
             buffers: Mutex::new(Vec::new()),
+            next_fanout: AtomicU8::new(0),
             no_verity: AtomicBool::new(false),
             link_empty_path: AtomicU8::new(LINK_UNKNOWN),
         })
@@ -537,6 +650,16 @@ impl Repository {
     /// The repository directory.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The uid owning the repository directory: who can rewrite it anyway (besides root).
+    ///
+    /// # Errors
+    /// `fstat` failed.
+    pub fn owner(&self) -> anyhow::Result<u32> {
+        let st = rustix::fs::fstat(&self.dir)
+            .with_context(|| format!("inspecting repository {}", self.path.display()))?;
+        Ok(st.st_uid)
     }
 
     #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
@@ -728,9 +851,10 @@ fn read_meta(dir: &OwnedFd, path: &Path) -> anyhow::Result<Option<(Meta, OwnedFd
 }
 
 /// Write a fresh `meta.json` (pretty JSON plus newline, as composefs-rs writes it): into a
-/// temporary file, fsync, fs-verity enabled when the filesystem supports it, then linked into
-/// place without replacing, so a concurrent creator sees either nothing or a whole file.
-fn create_meta(dir: &OwnedFd, path: &Path, alg: HashAlg) -> anyhow::Result<()> {
+/// temporary file, fsync, fs-verity enabled unless `insecure` (fs-verity on `meta.json` is
+/// what marks a repository secure), then linked into place without replacing, so a concurrent
+/// creator sees either nothing or a whole file.
+fn create_meta(dir: &OwnedFd, path: &Path, alg: HashAlg, insecure: bool) -> anyhow::Result<()> {
     let mut json = serde_json::to_vec_pretty(&Meta::new(alg)).context("serializing meta.json")?;
     json.push(b'\n');
     let ctx = || format!("creating {}/{META_JSON}", path.display());
@@ -773,8 +897,13 @@ fn create_meta(dir: &OwnedFd, path: &Path, alg: HashAlg) -> anyhow::Result<()> {
             )?,
         };
         drop(f);
-        // Unsupported → an insecure repository, as `cfsctl init --insecure` makes.
-        fsverity::enable(&ro, alg)?;
+        if !insecure && fsverity::enable(&ro, alg)? == fsverity::KernelVerity::Unsupported {
+            return Err(RepoError::NoFsVerity {
+                path: path.to_owned(),
+                filesystem: filesystem_name(&ro),
+            }
+            .into());
+        }
         let linked = match &tmp {
             None => rustix::fs::linkat(
                 rustix::fs::CWD,
@@ -801,5 +930,48 @@ fn create_meta(dir: &OwnedFd, path: &Path, alg: HashAlg) -> anyhow::Result<()> {
         // Gone after a successful rename; a leftover after a lost race or an error.
         let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::empty());
     }
-    r.with_context(ctx)
+    match r {
+        // Already names the repository; a context would only repeat it.
+        Err(e) if e.downcast_ref::<RepoError>().is_some() => Err(e),
+        r => r.with_context(ctx),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secure_repository_needs_fs_verity() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("repo");
+        let probe = rustix::fs::open(tmp.path(), OFlags::RDONLY, Mode::empty()).unwrap();
+        let fs = filesystem_name(&probe);
+        match Repository::open_or_create(&path, &RepoOptions::default()) {
+            Err(e) => {
+                let Some(RepoError::NoFsVerity {
+                    path: p,
+                    filesystem,
+                }) = e.downcast_ref()
+                else {
+                    panic!("unexpected error: {e:#}");
+                };
+                assert_eq!((p, filesystem), (&path, &fs));
+                assert!(e.to_string().contains("pass --insecure"), "{e}");
+                assert!(!path.exists(), "the refused repository's directory is left");
+            }
+            // This filesystem has fs-verity: the repository is a secure one.
+            Ok(repo) => assert!(!repo.insecure(), "{fs} has fs-verity"),
+        }
+        let insecure = RepoOptions {
+            insecure: true,
+            ..RepoOptions::default()
+        };
+        let repo = Repository::open_or_create(&path, &insecure).unwrap();
+        let was_insecure = repo.insecure();
+        drop(repo);
+        // Reopened without the flag, it keeps its mode.
+        let repo = Repository::open_or_create(&path, &RepoOptions::default()).unwrap();
+        assert_eq!(repo.insecure(), was_insecure);
+    }
 }

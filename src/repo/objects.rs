@@ -15,9 +15,10 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 use super::fsverity::{self, FsVerityHasher, KernelVerity};
+use super::pool::BodySource;
 use super::{
-    LINK_EMPTY_PATH, LINK_PROC_PATH, LINK_UNKNOWN, ObjectId, Repository, StoreMethod, proc_fd_path,
-    tmp_name,
+    LINK_EMPTY_PATH, LINK_PROC_PATH, LINK_UNKNOWN, ObjectId, Repository, SourceTrust, StoreMethod,
+    proc_fd_path, tmp_name,
 };
 
 /// Read size when hashing and copying a source file. Large enough that syscall overhead
@@ -184,7 +185,20 @@ impl Repository {
     /// over all groups.
     pub(crate) fn create_tmp_object_for(&self, id: &ObjectId) -> anyhow::Result<TmpObject> {
         let path = id.object_path();
-        let dir = &path[..2];
+        self.create_tmp_object_in(&path[..2])
+    }
+
+    /// A fresh temporary file for an object whose name is not known yet (a clone that is
+    /// hashed afterwards): in the fan-out directories in turn, for the reason given at
+    /// [`create_tmp_object_for`](Self::create_tmp_object_for).
+    pub(crate) fn create_tmp_object_anywhere(&self) -> anyhow::Result<TmpObject> {
+        let n = self.next_fanout.fetch_add(1, Ordering::Relaxed);
+        let mut dir = String::with_capacity(2);
+        super::push_hex(&mut dir, &[n]);
+        self.create_tmp_object_in(&dir)
+    }
+
+    fn create_tmp_object_in(&self, dir: &str) -> anyhow::Result<TmpObject> {
         for attempt in 0..2 {
             match self.open_tmpfile_in(dir) {
                 Ok(tmp) => return Ok(tmp),
@@ -474,16 +488,19 @@ impl Repository {
     ///
     /// The data path is `FICLONE` (a reflink: no data copied) when source and repository share
     /// a filesystem that supports it, and otherwise a copy from the same buffer that is read for
-    /// hashing. `src` is read exactly once, front to back; every chunk is passed to `feed` in
-    /// order (the caller hashes the layer tar from the same buffer).
+    /// hashing. The object's bytes are read exactly once, front to back, and every chunk is
+    /// passed to `feed` in order (the caller hashes the layer tar from the same buffer): the
+    /// source's bytes when `trust` trusts `src` (it is hashed first, then cloned), else the
+    /// clone's (see [`SourceTrust`]), so what `feed` saw is what the object holds.
     ///
     /// # Errors
     /// `src` is not a regular file of exactly `size` bytes, it changed while being read (caught
-    /// by the kernel's fs-verity digest where available), or I/O errors.
+    /// by the kernel's fs-verity digest where available, or as a size change), or I/O errors.
     pub fn store_file(
         &self,
         src: BorrowedFd<'_>,
         size: u64,
+        trust: SourceTrust,
         feed: &mut dyn FnMut(&[u8]),
     ) -> anyhow::Result<(ObjectId, StoreMethod)> {
         let st = rustix::fs::fstat(src).context("inspecting the source file")?;
@@ -497,6 +514,9 @@ impl Repository {
             "the source file has {} bytes, but {size} were announced",
             st.st_size
         );
+        if !trust.trusts(&st) {
+            return self.store_file_verified(src, st.st_dev, size, feed);
+        }
         let known_reflink = self
             .reflink_ok_from
             .lock()
@@ -531,9 +551,44 @@ impl Repository {
                 .insert(st.st_dev);
             self.check_clone_size(&tmp, size)?;
         }
-        let method = self.commit_tmp_object(tmp, &id, size)?;
+        self.commit_stored(tmp, &id, size, reflinked)
+    }
+
+    /// [`store_file`](Self::store_file) for a source that others may change: the object is
+    /// made first (cloned, or copied from the buffer that is hashed) and named from its own
+    /// bytes, so the name holds whatever the source does meanwhile.
+    fn store_file_verified(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        size: u64,
+        feed: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<(ObjectId, StoreMethod)> {
+        let (tmp, id, reflinked) = match self.clone_source(src, src_dev, size)? {
+            Some(tmp) => {
+                let id = self.hash_source(tmp.file.as_fd(), size, feed, None)?;
+                (tmp, id, true)
+            }
+            None => {
+                let tmp = self.create_tmp_object_anywhere()?;
+                let id = self.hash_source(src, size, feed, Some(&tmp))?;
+                (tmp, id, false)
+            }
+        };
+        self.commit_stored(tmp, &id, size, reflinked)
+    }
+
+    /// Link a tmpfile holding object `id`, made by reflink or by copying.
+    fn commit_stored(
+        &self,
+        tmp: TmpObject,
+        id: &ObjectId,
+        size: u64,
+        reflinked: bool,
+    ) -> anyhow::Result<(ObjectId, StoreMethod)> {
+        let method = self.commit_tmp_object(tmp, id, size)?;
         Ok((
-            id,
+            id.clone(),
             match method {
                 StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
                 _ if reflinked => StoreMethod::Reflinked,
@@ -542,23 +597,65 @@ impl Repository {
         ))
     }
 
-    /// Store bodies whose bytes were already read from their files (by the caller, which
-    /// hashed the layer tar from them): `(src, src_dev, data)`, where `src` is the regular
-    /// file of `data.len()` bytes on device `src_dev` (the caller checked it with `fstat`).
-    /// Each object is named from `data` (all digests computed together, see
-    /// [`FsVerityHasher::digest_many`]) and made by reflinking `src` where possible, else by
-    /// writing `data`. One result per body, in order: errors are the source having changed
-    /// size since it was read, or I/O errors.
+    /// Clone `src` (`size` bytes, on device `src_dev`) into a fresh tmpfile, for an object that
+    /// is named afterwards by reading the clone. `None` when this filesystem cannot clone from
+    /// `src`: the caller then copies from a buffer it hashes.
+    ///
+    /// # Errors
+    /// The clone does not have `size` bytes (the source changed size), or I/O errors.
+    pub(crate) fn clone_source(
+        &self,
+        src: BorrowedFd<'_>,
+        src_dev: u64,
+        size: u64,
+    ) -> anyhow::Result<Option<TmpObject>> {
+        let tmp = self.create_tmp_object_anywhere()?;
+        if !self.try_reflink(src, src_dev, &tmp)? {
+            self.discard_tmp(&tmp);
+            return Ok(None);
+        }
+        if let Err(e) = self.check_clone_size(&tmp, size) {
+            self.discard_tmp(&tmp);
+            return Err(e);
+        }
+        Ok(Some(tmp))
+    }
+
+    /// Remove a named tmpfile that will not become an object (anonymous ones vanish on close).
+    pub(crate) fn discard_tmp(&self, tmp: &TmpObject) {
+        if let Some(name) = &tmp.name {
+            let _ = rustix::fs::unlinkat(&self.objects, name.as_str(), AtFlags::empty());
+        }
+    }
+
+    /// Store bodies whose bytes were already read (by the caller, which hashed the layer tar
+    /// from them): each `data[i]` with where its object comes from, `sources[i]`. Each object is
+    /// named from its `data` (all digests computed together, see
+    /// [`FsVerityHasher::digest_many`]) and made by reflinking a trusted source where possible,
+    /// by linking the clone the bytes were read from, or by writing `data`. One result per
+    /// body, in order: errors are the source having changed size since it was read, or I/O
+    /// errors.
     pub(crate) fn store_read_bodies(
         &self,
-        bodies: &[(BorrowedFd<'_>, u64, &[u8])],
+        sources: Vec<BodySource>,
+        data: &[&[u8]],
     ) -> Vec<anyhow::Result<(ObjectId, StoreMethod)>> {
-        let data: Vec<&[u8]> = bodies.iter().map(|b| b.2).collect();
-        let ids = FsVerityHasher::digest_many(self.alg, &data);
-        bodies
-            .iter()
+        let ids = FsVerityHasher::digest_many(self.alg, data);
+        sources
+            .into_iter()
             .zip(ids)
-            .map(|(&(src, dev, data), id)| self.store_hashed_body(src, dev, data, id))
+            .zip(data)
+            .map(|((source, id), data)| match source {
+                BodySource::Trusted { fd, dev } => {
+                    self.store_hashed_body(Some((fd.as_fd(), dev)), data, id)
+                }
+                BodySource::Clone(tmp) => {
+                    let size = data.len() as u64;
+                    self.commit_stored(tmp, &id, size, true)
+                        .map(|(_, m)| (id, m))
+                }
+                BodySource::Copy => self.store_hashed_body(None, data, id),
+            })
             .collect()
     }
 
@@ -579,24 +676,33 @@ impl Repository {
         if !self.try_reflink(src, src_dev, &tmp)? {
             return Ok(Err(tmp));
         }
-        self.check_clone_size(&tmp, size)?;
+        if let Err(e) = self.check_clone_size(&tmp, size) {
+            self.discard_tmp(&tmp);
+            return Err(e);
+        }
         Ok(Ok(match self.link_tmp_object(tmp, id)? {
             StoreMethod::AlreadyPresent => StoreMethod::AlreadyPresent,
             _ => StoreMethod::Reflinked,
         }))
     }
 
-    /// [`store_read_bodies`](Self::store_read_bodies) for one body whose object id is known.
+    /// [`store_read_bodies`](Self::store_read_bodies) for one body whose object id is known:
+    /// reflinked from its trusted source `(fd, dev)` where possible, else written from `data`.
     fn store_hashed_body(
         &self,
-        src: BorrowedFd<'_>,
-        src_dev: u64,
+        src: Option<(BorrowedFd<'_>, u64)>,
         data: &[u8],
         id: ObjectId,
     ) -> anyhow::Result<(ObjectId, StoreMethod)> {
-        let tmp = match self.reuse_or_clone(src, src_dev, &id, data.len() as u64)? {
-            Ok(method) => return Ok((id, method)),
-            Err(tmp) => tmp,
+        let tmp = match src {
+            Some((fd, dev)) => match self.reuse_or_clone(fd, dev, &id, data.len() as u64)? {
+                Ok(method) => return Ok((id, method)),
+                Err(tmp) => tmp,
+            },
+            None if self.existing_object_ok(&id, data.len() as u64)? => {
+                return Ok((id, StoreMethod::AlreadyPresent));
+            }
+            None => self.create_tmp_object_for(&id)?,
         };
         write_all_at(tmp.file.as_fd(), data, 0).with_context(|| format!("writing object {id}"))?;
         let method = self.link_tmp_object(tmp, &id)?;
@@ -696,8 +802,11 @@ mod tests {
     #[test]
     fn proc_fd_links_when_empty_path_links_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let repo =
-            Repository::open_or_create(&tmp.path().join("r"), Some(HashAlg::Sha256)).unwrap();
+        let opts = crate::repo::RepoOptions {
+            hash: Some(HashAlg::Sha256),
+            insecure: true,
+        };
+        let repo = Repository::open_or_create(&tmp.path().join("r"), &opts).unwrap();
         // As after a kernel refused AT_EMPTY_PATH (before 6.10, without CAP_DAC_READ_SEARCH).
         repo.link_empty_path
             .store(LINK_PROC_PATH, Ordering::Relaxed);

@@ -17,10 +17,10 @@ use anyhow::{Context, ensure};
 use sha2::Digest as _;
 
 use super::objects::{ObjectWriter, read_full_at};
-use super::pool::{Body, BodyPool, Stored, store_batch};
+use super::pool::{Body, BodyPool, BodySource, Stored, store_batch};
 use super::splitstream::SplitStreamWriter;
 use super::tar::{Region, TarTracker};
-use super::{ObjectId, Repository, StoreMethod, check_link_name};
+use super::{ObjectId, Repository, SourceTrust, StoreMethod, check_link_name};
 
 /// Content type of layer splitstreams.
 pub const LAYER_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ocilayer");
@@ -105,6 +105,9 @@ pub struct ImportStats {
     pub bytes_reflinked: u64,
     /// Bytes of copied objects.
     pub bytes_copied: u64,
+    /// Bodies hashed from their trusted source before being cloned (see [`SourceTrust`]);
+    /// every other external body was hashed from its object's own bytes.
+    pub bodies_hashed_from_source: u64,
 }
 
 impl ImportStats {
@@ -152,6 +155,8 @@ pub struct LayerImporter<'r> {
     spare: Vec<Vec<u8>>,
     /// Most bodies in flight (each holds its file open).
     window_files: usize,
+    /// Whose source files may be hashed before they are cloned.
+    trust: SourceTrust,
 }
 
 impl std::fmt::Debug for LayerImporter<'_> {
@@ -183,6 +188,7 @@ impl<'r> LayerImporter<'r> {
             in_flight: (0, 0),
             spare: Vec::new(),
             window_files: WINDOW_FILES,
+            trust: SourceTrust::Untrusted,
         })
     }
 
@@ -206,6 +212,12 @@ impl<'r> LayerImporter<'r> {
         }
         self.pending.push_back(Pending::Object(id, size));
         Ok(())
+    }
+
+    /// Whose source files may be hashed before they become objects (default
+    /// [`SourceTrust::Untrusted`]: every object is hashed from its own bytes).
+    pub fn set_source_trust(&mut self, trust: SourceTrust) {
+        self.trust = trust;
     }
 
     /// Hold at most `files` batched bodies, and so their fds, at a time (default
@@ -334,23 +346,37 @@ impl<'r> LayerImporter<'r> {
         // growth needs zeroing.
         let mut data = self.spare.pop().unwrap_or_default();
         data.resize(size as usize, 0);
-        let n = read_full_at(fd.as_fd(), &mut data, 0)
+        // The bytes hashed must be the object's: from a trusted source they are read first
+        // (its page cache) and cloned later; otherwise the clone is made first and read.
+        let clone = if self.trust.trusts(&st) {
+            None
+        } else {
+            self.repo
+                .clone_source(fd.as_fd(), st.st_dev, size)
+                .with_context(|| format!("cloning the file body at tar offset {at}"))?
+        };
+        let from = clone.as_ref().map_or(fd.as_fd(), |tmp| tmp.file.as_fd());
+        let n = read_full_at(from, &mut data, 0)
             .with_context(|| format!("reading the file body at tar offset {at}"))?;
         ensure!(
             n as u64 == size,
             "the file for the body at tar offset {at} ended after {n} of {size} bytes"
         );
         self.sha.update(&data);
+        let source = match clone {
+            Some(tmp) => BodySource::Clone(tmp),
+            None if self.trust.trusts(&st) => {
+                self.stats.bodies_hashed_from_source += 1;
+                BodySource::Trusted { fd, dev: st.st_dev }
+            }
+            None => BodySource::Copy,
+        };
         while self.in_flight.0 >= self.window_files
             || (self.in_flight.0 > 0 && self.in_flight.1 + size > WINDOW_BYTES)
         {
             self.settle(Until::OneBody, pool)?;
         }
-        self.open.0.push(Body {
-            fd,
-            dev: st.st_dev,
-            data,
-        });
+        self.open.0.push(Body { source, data });
         self.open.1 += size;
         self.pending.push_back(Pending::Body(size));
         self.in_flight.0 += 1;
@@ -407,10 +433,13 @@ impl<'r> LayerImporter<'r> {
         if !external {
             return self.small_body(fd, at, size).map(|()| None);
         }
+        if rustix::fs::fstat(fd).is_ok_and(|st| self.trust.trusts(&st)) {
+            self.stats.bodies_hashed_from_source += 1;
+        }
         let sha = &mut self.sha;
         let (id, method) = self
             .repo
-            .store_file(fd, size, &mut |chunk| sha.update(chunk))
+            .store_file(fd, size, self.trust, &mut |chunk| sha.update(chunk))
             .with_context(|| format!("storing the file body at tar offset {at}"))?;
         self.stats.count(method, size);
         self.emit_object(id, size)?;

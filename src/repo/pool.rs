@@ -7,18 +7,35 @@
 //! buffer), hands buffer and fd to this pool, and writes the splitstream entry when the
 //! object id comes back, keeping a bounded window of bodies in flight.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use anyhow::anyhow;
 
+use super::objects::TmpObject;
 use super::{ObjectId, Repository, StoreMethod};
 
-/// A body read by the importer: its file, that file's device, and its bytes.
+/// Where the object of a body read by the importer comes from.
+pub(crate) enum BodySource {
+    /// The source file, trusted (see [`super::SourceTrust`]) and on device `dev`: reflinked
+    /// after its bytes were read and hashed.
+    Trusted {
+        /// The source file.
+        fd: OwnedFd,
+        /// Its device.
+        dev: u64,
+    },
+    /// A clone of the source made before the bytes were read, from the clone: it becomes the
+    /// object as it is.
+    Clone(TmpObject),
+    /// Written from the bytes read (the source could not be cloned, or may not be).
+    Copy,
+}
+
+/// A body read by the importer: where its object comes from, and its bytes.
 pub(crate) struct Body {
-    pub(crate) fd: OwnedFd,
-    pub(crate) dev: u64,
+    pub(crate) source: BodySource,
     pub(crate) data: Vec<u8>,
 }
 
@@ -36,20 +53,16 @@ struct Job {
 
 /// Store a batch here and now (the importer without a pool, and the pool's threads).
 pub(crate) fn store_batch(repo: &Repository, bodies: Vec<Body>) -> Vec<Stored> {
+    let (sources, data): (Vec<BodySource>, Vec<Vec<u8>>) =
+        bodies.into_iter().map(|b| (b.source, b.data)).unzip();
     let results = {
-        let refs: Vec<_> = bodies
-            .iter()
-            .map(|b| (b.fd.as_fd(), b.dev, b.data.as_slice()))
-            .collect();
-        repo.store_read_bodies(&refs)
+        let slices: Vec<&[u8]> = data.iter().map(Vec::as_slice).collect();
+        repo.store_read_bodies(sources, &slices)
     };
-    bodies
+    results
         .into_iter()
-        .zip(results)
-        .map(|(b, result)| Stored {
-            result,
-            data: b.data,
-        })
+        .zip(data)
+        .map(|(result, data)| Stored { result, data })
         .collect()
 }
 
