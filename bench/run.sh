@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark: `splitfdstream pull` against `cfsctl oci pull --local-fetch auto`, same image, same
 # run, warm and cold (page cache dropped), on XFS with reflink and on ext4 (both loop mounts).
+# Ours runs twice: as it runs by default on this root-owned store (bodies hashed from the
+# source, then reflinked: the trusted path) and with --untrusted-source (every body cloned
+# first and its clone read: the path taken for stores others can write).
 # Prints a Markdown table: wall time, CPU time, peak RSS, disk blocks used, ratio to cfsctl.
 #
 # usage (root): bench/run.sh [WORKDIR] [SCALE]     (SCALE 1.0 ≈ 2.7 GB, 92,000 files, 5 layers)
@@ -97,29 +100,39 @@ for fs in ${FILESYSTEMS:-xfs ext4}; do
     fi
     src="containers-storage:localhost/bench:latest"
     image_bytes=$(du -sb "$store/overlay" | cut -f1)
+    # Without kernel fs-verity here, both tools need an insecure repository.
+    insecure=()
+    probe="$mnt/verity-probe"
+    rm -rf "$probe"
+    "$cfsctl" --repo "$probe" init --algorithm "fsverity-$hash-12" >/dev/null 2>&1 || insecure=(--insecure)
+    rm -rf "$probe"
     for mode in warm cold; do
         for run in $(seq "$runs"); do
             declare -A wall
-            for tool in splitfdstream cfsctl; do
+            for tool in splitfdstream splitfdstream-untrusted cfsctl; do
                 repo="$mnt/repo-$tool"
                 rm -rf "$repo"
                 before=$(used_bytes "$mnt")
                 if [ "$mode" = cold ]; then echo 3 > /proc/sys/vm/drop_caches; else tar -cf - "$store/overlay" 2>/dev/null | cat >/dev/null; fi
-                if [ "$tool" = splitfdstream ]; then
-                    r=$(measure "$sfds" pull "$src" --repo "$repo" --hash "$hash" --tag bench)
-                else
-                    # Without kernel fs-verity on this filesystem cfsctl needs --insecure (as ours is then).
-                    "$cfsctl" --repo "$repo" init --algorithm "fsverity-$hash-12" >/dev/null 2>&1 \
-                        || "$cfsctl" --repo "$repo" init --algorithm "fsverity-$hash-12" --insecure >/dev/null
-                    r=$(measure "$cfsctl" --repo "$repo" oci pull --local-fetch auto "$src" bench)
-                fi
+                case $tool in
+                    splitfdstream)
+                        r=$(measure "$sfds" pull "$src" --repo "$repo" --hash "$hash" --tag bench "${insecure[@]}") ;;
+                    splitfdstream-untrusted)
+                        r=$(measure "$sfds" pull "$src" --repo "$repo" --hash "$hash" --tag bench "${insecure[@]}" --untrusted-source) ;;
+                    cfsctl)
+                        "$cfsctl" --repo "$repo" init --algorithm "fsverity-$hash-12" "${insecure[@]}" >/dev/null
+                        r=$(measure "$cfsctl" --repo "$repo" oci pull --local-fetch auto "$src" bench) ;;
+                esac
                 after=$(used_bytes "$mnt")
                 read -r w c m <<<"$r"
                 wall[$tool]=$w
                 used=$(( (after - before) / 1048576 ))
                 ratio=""
-                [ "$tool" = cfsctl ] && ratio=$(awk -v a="${wall[splitfdstream]}" -v b="$w" 'BEGIN{printf "%.2f", a/b}')
-                echo "| $fs | $mode | $tool | $w | $c | $((m / 1024)) | $used ($(awk -v u="$((after - before))" -v t="$image_bytes" 'BEGIN{printf "%.2f%%", 100*u/t}')) | ${ratio:+splitfdstream/cfsctl = $ratio} |"
+                if [ "$tool" = cfsctl ]; then
+                    ratio=$(awk -v a="${wall[splitfdstream]}" -v u="${wall[splitfdstream-untrusted]}" -v b="$w" \
+                        'BEGIN{printf "splitfdstream/cfsctl = %.2f, untrusted/cfsctl = %.2f, untrusted/trusted = %.2f", a/b, u/b, u/a}')
+                fi
+                echo "| $fs | $mode | $tool | $w | $c | $((m / 1024)) | $used ($(awk -v u="$((after - before))" -v t="$image_bytes" 'BEGIN{printf "%.2f%%", 100*u/t}')) | $ratio |"
             done
         done
     done

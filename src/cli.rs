@@ -1,24 +1,22 @@
 //! Command-line parsing and the sinks of the binary. stdout carries only data.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sha2::{Digest, Sha256};
 
-use splitfdstream::client::{LayerItem, Proxy, ProxyConfig};
-use splitfdstream::helper::tarsplit::crc64_iso;
+use splitfdstream::client::{Proxy, ProxyConfig};
 use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
 use splitfdstream::pull::{LayerStatus, Progress, PullOptions};
 use splitfdstream::repo::{HashAlg, SourceTrust};
+use splitfdstream::sink::{AtomicFile, write_layer_tar};
 
 /// `--hash` values.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -67,6 +65,10 @@ enum Cmd {
         /// Bodies of at most this many bytes travel inline instead of as fds.
         #[arg(long, default_value_t = splitfdstream::proto::rpc::DEFAULT_INLINE_THRESHOLD)]
         inline_threshold: u64,
+        /// Write the tar to FILE instead of stdout; FILE appears (or is replaced) only once
+        /// the tar's sha256 equals the diff_id.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
     },
     /// Import an image into a composefs repository (reflinked, verified, atomic).
     Pull {
@@ -144,7 +146,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             layer,
             verify_crc,
             inline_threshold,
-        } => tar(&source, &layer, verify_crc, inline_threshold),
+            output,
+        } => tar(
+            &source,
+            &layer,
+            verify_crc,
+            inline_threshold,
+            output.as_deref(),
+        ),
         Cmd::Pull {
             source,
             repo,
@@ -213,14 +222,12 @@ fn inspect(source: &ImageRef, json: bool) -> anyhow::Result<()> {
     proxy.shutdown()
 }
 
-/// Read buffer for bodies: large enough to amortise syscalls (coreutils uses 128 KiB+).
-const BODY_BUF: usize = 1 << 20;
-
 fn tar(
     source: &ImageRef,
     layer: &str,
     verify_crc: bool,
     inline_threshold: u64,
+    output: Option<&Path>,
 ) -> anyhow::Result<()> {
     let selector = match layer.parse::<u64>() {
         Ok(i) => LayerSelector::Index(i),
@@ -229,55 +236,26 @@ fn tar(
     let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
     let image = proxy.open_image(&source.reference)?;
     let mut stream = proxy.get_layer(image.image, selector, Some(inline_threshold))?;
-    let diff_id = stream.layer().diff_id.clone();
-    let mut out = io::BufWriter::with_capacity(256 << 10, io::stdout().lock());
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; BODY_BUF];
-    let mut files = 0u64;
-    while let Some(item) = stream.next_item()? {
-        match item {
-            LayerItem::Inline(bytes) => {
-                sha.update(bytes);
-                out.write_all(bytes)?;
-            }
-            LayerItem::File { fd, size, crc64 } => {
-                files += 1;
-                let mut file = File::from(fd);
-                let mut left = size;
-                let mut crc = 0u64;
-                // The hash needs every byte in this process, so the body is read once into one
-                // buffer that feeds the hash, the CRC and the output.
-                while left > 0 {
-                    let want = usize::try_from(left.min(BODY_BUF as u64)).expect("≤ BODY_BUF");
-                    let n = file
-                        .read(&mut buf[..want])
-                        .with_context(|| format!("reading body {files} of layer {diff_id}"))?;
-                    if n == 0 {
-                        bail!(
-                            "layer {diff_id}: body {files} shrank while being read ({left} of {size} bytes missing)"
-                        );
-                    }
-                    sha.update(&buf[..n]);
-                    if verify_crc {
-                        crc = crc64_iso(crc, &buf[..n]);
-                    }
-                    out.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
-                if let Some(expected) = crc64.filter(|e| verify_crc && *e != crc) {
-                    bail!(
-                        "layer {diff_id}: body {files} has CRC-64 {crc:016x}, tar-split recorded {expected:016x}"
-                    );
-                }
-            }
+    match output {
+        // Appears only once verified: a failure leaves no file (nor changes an existing one).
+        Some(path) => {
+            let file = AtomicFile::create(path)?;
+            let mut out = io::BufWriter::with_capacity(256 << 10, file);
+            write_layer_tar(&mut stream, &mut out, verify_crc)?;
+            let file = out
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .with_context(|| format!("writing {}", path.display()))?;
+            file.commit()?;
+        }
+        // A pipe cannot take bytes back: a failed verification is the exit status and message.
+        None => {
+            let mut out = io::BufWriter::with_capacity(256 << 10, io::stdout().lock());
+            write_layer_tar(&mut stream, &mut out, verify_crc)?;
+            out.flush()?;
         }
     }
     drop(stream);
-    out.flush()?;
-    let actual = format!("sha256:{}", hex::encode(sha.finalize()));
-    if actual != diff_id {
-        bail!("layer {diff_id}: the stream hashes to {actual}; refusing it");
-    }
     proxy.shutdown()
 }
 

@@ -28,3 +28,4 @@ pub mod helper;
 pub mod proto;
 pub mod pull;
 pub mod repo;
+pub mod sink;

@@ -375,3 +375,78 @@ fn twenty_thousand_files_under_ulimit_64() {
     assert!(r.ok, "{}", r.stderr);
     assert_eq!(r.stdout_sha, many.diff_ids[layer]);
 }
+
+/// `tar -o FILE`: the file appears only when the layer verified; a body changed in the store
+/// (same size, other bytes) makes the tar hash to something else, and then neither a new file
+/// appears nor an existing one changes; to stdout the same failure is the exit status.
+#[test]
+fn tar_output_file_appears_only_when_verified() {
+    let Some(f) = fixtures() else { return };
+    let image = f.image("basic");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("layer0.tar");
+    let r = run(&["tar", &source, "--layer", "0", "-o", out.to_str().unwrap()]);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.stdout_len, 0, "with -o nothing goes to stdout");
+    let written = std::fs::read(&out).unwrap();
+    assert_eq!(
+        format!("sha256:{}", hex::encode(Sha256::digest(&written))),
+        image.diff_ids[0]
+    );
+
+    let private = f.private_store(&["basic"]);
+    let victim = find_body_over_64(&private, image).expect("a body over 64 bytes");
+    let layer = image
+        .layer_ids
+        .iter()
+        .position(|id| victim.starts_with(private.diff_dir(id)))
+        .unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&victim, &bytes).unwrap();
+    let damaged = format!(
+        "containers-storage:[overlay@{}+{}]{}",
+        private.graphroot.display(),
+        private.runroot.display(),
+        image.reference
+    );
+    let fresh = out_dir.path().join("fresh.tar");
+    for target in [&fresh, &out] {
+        let r = run(&[
+            "tar",
+            &damaged,
+            "--layer",
+            &layer.to_string(),
+            "-o",
+            target.to_str().unwrap(),
+        ]);
+        assert!(!r.ok, "a damaged layer verified");
+        assert!(
+            r.stderr.contains(&format!(
+                "layer {}: the stream hashes to",
+                image.diff_ids[layer]
+            )),
+            "{}",
+            r.stderr
+        );
+    }
+    assert!(!fresh.exists(), "a file appeared for an unverified layer");
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        written,
+        "the existing file changed"
+    );
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["layer0.tar"], "temporary files left behind");
+
+    let r = run(&["tar", &damaged, "--layer", &layer.to_string()]);
+    assert!(
+        !r.ok && r.stderr.contains("the stream hashes to"),
+        "{}",
+        r.stderr
+    );
+}

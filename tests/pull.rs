@@ -414,7 +414,7 @@ fn pull_under_ulimit_64_with_more_workers_than_fds_allow() {
     let out = run(Command::new("sh")
         .args([
             "-c",
-            "ulimit -n 64 && exec \"$0\" pull \"$1\" --repo \"$2\" --tag many --jobs 8 --json",
+            "ulimit -n 64 && exec \"$0\" pull \"$1\" --repo \"$2\" --tag many --jobs 8 --json --insecure",
             BIN,
             &source,
         ])

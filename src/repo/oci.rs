@@ -60,6 +60,15 @@ const WINDOW_BYTES: u64 = 4 << 20;
 /// [`LayerImporter::set_window_files`] lowers it.
 pub const WINDOW_FILES: usize = 256;
 
+/// Most inline bytes queued behind bodies that are still being stored (per layer). Beyond
+/// it the queue is written out first, so memory does not grow with the bytes that follow a
+/// pending body (a layer of 1 MiB PAX headers after one small file, say).
+const MAX_PENDING_INLINE: usize = 4 << 20;
+
+/// Most splitstream entries queued behind bodies still being stored (per layer): bounds the
+/// queue when large, streamed bodies follow a pending small one.
+const MAX_PENDING_ENTRIES: usize = 4096;
+
 /// Largest body buffer kept for reuse (at most [`BATCH_FILES`] of them per layer).
 const SPARE_MAX_CAPACITY: usize = 64 << 10;
 
@@ -143,6 +152,8 @@ pub struct LayerImporter<'r> {
     stats: ImportStats,
     /// Splitstream entries queued behind a batched body, in tar order.
     pending: VecDeque<Pending>,
+    /// Bytes of the `Pending::Inline` entries in `pending`.
+    pending_inline: usize,
     /// The batch being filled, and its bytes.
     open: (Vec<Body>, u64),
     /// Batches handed on, oldest first.
@@ -182,6 +193,7 @@ impl<'r> LayerImporter<'r> {
             body: None,
             stats: ImportStats::default(),
             pending: VecDeque::new(),
+            pending_inline: 0,
             open: (Vec::new(), 0),
             batches: VecDeque::new(),
             results: VecDeque::new(),
@@ -192,11 +204,18 @@ impl<'r> LayerImporter<'r> {
         })
     }
 
-    /// Inline bytes for the splitstream, after whatever is queued.
+    /// Inline bytes for the splitstream, after whatever is queued. Queued inline bytes are
+    /// capped: past [`MAX_PENDING_INLINE`] everything queued is written first (the bodies it
+    /// waits for are stored, here if they are not with the pool yet), so a layer of huge
+    /// headers behind one small body cannot make the importer hold them all.
     fn emit_inline(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        if !self.pending.is_empty() && self.pending_inline + data.len() > MAX_PENDING_INLINE {
+            self.settle(Until::All, None)?;
+        }
         if self.pending.is_empty() {
             return self.writer.write_inline(data);
         }
+        self.pending_inline += data.len();
         if let Some(Pending::Inline(v)) = self.pending.back_mut() {
             v.extend_from_slice(data);
         } else {
@@ -205,8 +224,12 @@ impl<'r> LayerImporter<'r> {
         Ok(())
     }
 
-    /// An object reference for the splitstream, after whatever is queued.
+    /// An object reference for the splitstream, after whatever is queued (at most
+    /// [`MAX_PENDING_ENTRIES`] entries are queued, as for inline bytes).
     fn emit_object(&mut self, id: ObjectId, size: u64) -> anyhow::Result<()> {
+        if self.pending.len() >= MAX_PENDING_ENTRIES {
+            self.settle(Until::All, None)?;
+        }
         if self.pending.is_empty() {
             return self.writer.write_external_sized(&id, size);
         }
@@ -247,7 +270,10 @@ impl<'r> LayerImporter<'r> {
         while let Some(front) = self.pending.front() {
             let Pending::Body(size) = *front else {
                 match self.pending.pop_front().expect("front exists") {
-                    Pending::Inline(v) => self.writer.write_inline(&v)?,
+                    Pending::Inline(v) => {
+                        self.pending_inline -= v.len();
+                        self.writer.write_inline(&v)?
+                    }
                     Pending::Object(id, size) => self.writer.write_external_sized(&id, size)?,
                     Pending::Body(_) => unreachable!("matched above"),
                 }
