@@ -1,6 +1,7 @@
 //! Command-line parsing and the sinks of the binary. stdout carries only data.
 
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Mutex;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use splitfdstream::client::{Proxy, ProxyConfig};
+use splitfdstream::client::{Proxy, ProxyConfig, UsernsMode};
 use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
@@ -34,6 +35,54 @@ impl HashArg {
     }
 }
 
+/// How the helper that reads the store is started (`pull`, `tar`, `inspect`).
+#[derive(Debug, Clone, clap::Args)]
+struct HelperArgs {
+    /// Run the helper under this command, split on whitespace: a privileged helper for an
+    /// unprivileged caller, e.g. 'sudo -n', 'run0' or 'systemd-run --pipe --quiet'.
+    #[arg(long, value_name = "'CMD ARGS'")]
+    helper_prefix: Option<String>,
+    /// Run the helper in a user namespace of its own, mapped from /etc/subuid and /etc/subgid
+    /// (auto: for a non-root caller's own containers-storage store, as rootless podman).
+    #[arg(long, value_enum, default_value_t = UsernsArg::Auto)]
+    userns: UsernsArg,
+}
+
+/// `--userns` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum UsernsArg {
+    Auto,
+    Never,
+    Always,
+}
+
+impl HelperArgs {
+    fn proxy_config(&self, store: &Store) -> ProxyConfig {
+        ProxyConfig {
+            command_prefix: self.command_prefix(),
+            userns: self.userns(),
+            ..ProxyConfig::new(store.clone())
+        }
+    }
+
+    fn command_prefix(&self) -> Vec<std::ffi::OsString> {
+        self.helper_prefix
+            .as_deref()
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(Into::into)
+            .collect()
+    }
+
+    fn userns(&self) -> UsernsMode {
+        match self.userns {
+            UsernsArg::Auto => UsernsMode::Auto,
+            UsernsArg::Never => UsernsMode::Never,
+            UsernsArg::Always => UsernsMode::Always,
+        }
+    }
+}
+
 /// Move container image layers as tar metadata plus file descriptors.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -51,6 +100,8 @@ enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        helper: HelperArgs,
     },
     /// Write the exact tar of one layer to stdout, verifying its diff_id.
     Tar {
@@ -69,6 +120,8 @@ enum Cmd {
         /// the tar's sha256 equals the diff_id.
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        helper: HelperArgs,
     },
     /// Import an image into a composefs repository (reflinked, verified, atomic).
     Pull {
@@ -103,6 +156,8 @@ enum Cmd {
         /// Bodies of at most this many bytes travel inline instead of as fds.
         #[arg(long)]
         inline_threshold: Option<u64>,
+        #[command(flatten)]
+        helper: HelperArgs,
     },
     /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
     #[command(hide = true)]
@@ -113,9 +168,12 @@ enum Cmd {
         /// The one store this helper serves.
         #[arg(long)]
         store: String,
-        /// The spawning process: exit at once if it is already gone.
+        /// The spawning process: exit at once if it is already gone, and when it exits.
         #[arg(long)]
         parent_pid: Option<i32>,
+        /// Enter a user namespace of its own first and wait for the parent to map its ids.
+        #[arg(long)]
+        userns: bool,
     },
 }
 
@@ -140,14 +198,20 @@ pub(crate) fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
-        Cmd::Inspect { source, json } => inspect(&source, json),
+        Cmd::Inspect {
+            source,
+            json,
+            helper,
+        } => inspect(&helper.proxy_config(&source.store), &source, json),
         Cmd::Tar {
             source,
             layer,
             verify_crc,
             inline_threshold,
             output,
+            helper,
         } => tar(
+            &helper.proxy_config(&source.store),
             &source,
             &layer,
             verify_crc,
@@ -164,8 +228,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             jobs,
             json,
             inline_threshold,
+            helper,
         } => {
             let opts = PullOptions {
+                command_prefix: helper.command_prefix(),
+                userns: helper.userns(),
                 hash: hash.map(HashArg::alg),
                 insecure,
                 untrusted_source,
@@ -180,19 +247,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket_fd,
             store,
             parent_pid,
-        } => helper(socket_fd, &store, parent_pid),
+            userns,
+        } => helper(socket_fd, &store, parent_pid, userns),
     }
 }
 
-fn helper(socket_fd: i32, store: &str, parent_pid: Option<i32>) -> anyhow::Result<()> {
-    splitfdstream::helper::tie_to_parent(parent_pid)?;
+fn helper(
+    socket_fd: i32,
+    store: &str,
+    parent_pid: Option<i32>,
+    userns: bool,
+) -> anyhow::Result<()> {
     let store = Store::parse_arg(store)?;
     let sock = crate::adopt_socket_fd(socket_fd)?;
+    // First, while this process has one thread (the kernel requires it).
+    if userns {
+        splitfdstream::userns::enter_and_wait(sock.as_fd())?;
+    }
+    splitfdstream::helper::tie_to_parent(parent_pid)?;
+    let client = splitfdstream::helper::client_uid(&sock);
+    splitfdstream::helper::check_store_for_client(&store, client)?;
     splitfdstream::helper::server::serve(sock, store)
 }
 
-fn inspect(source: &ImageRef, json: bool) -> anyhow::Result<()> {
-    let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
+fn inspect(config: &ProxyConfig, source: &ImageRef, json: bool) -> anyhow::Result<()> {
+    let mut proxy = Proxy::spawn(config)?;
     let image = proxy.open_image(&source.reference)?;
     let mut out = io::stdout().lock();
     if json {
@@ -223,6 +302,7 @@ fn inspect(source: &ImageRef, json: bool) -> anyhow::Result<()> {
 }
 
 fn tar(
+    config: &ProxyConfig,
     source: &ImageRef,
     layer: &str,
     verify_crc: bool,
@@ -233,7 +313,7 @@ fn tar(
         Ok(i) => LayerSelector::Index(i),
         Err(_) => LayerSelector::DiffId(layer.to_owned()),
     };
-    let mut proxy = Proxy::spawn(&ProxyConfig::new(source.store.clone()))?;
+    let mut proxy = Proxy::spawn(config)?;
     let image = proxy.open_image(&source.reference)?;
     let mut stream = proxy.get_layer(image.image, selector, Some(inline_threshold))?;
     match output {

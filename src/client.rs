@@ -42,6 +42,9 @@ use crate::proto::rpc::{
 use crate::proto::source::Store;
 use crate::proto::stream::{self, Item};
 
+/// How long a rootless helper may take to enter its user namespace.
+const HANDSHAKE_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
+
 /// Bytes of the helper's stderr kept for error messages.
 const STDERR_TAIL: usize = 4096;
 
@@ -58,8 +61,12 @@ pub struct ProxyConfig {
     pub store: Store,
     /// Program to run as the helper; default: the current executable.
     pub helper_exe: Option<PathBuf>,
-    /// Command prefix, e.g. `["sudo", "-n"]` or `["systemd-run", "--pipe", …]`.
+    /// Command prefix that runs the helper with other privileges, e.g. `["sudo", "-n"]`,
+    /// `["run0"]` or `["systemd-run", "--pipe", "--quiet"]`. The helper may be a grandchild
+    /// then; it still ends with this process (see [`crate::helper::tie_to_parent`]).
     pub command_prefix: Vec<OsString>,
+    /// Whether the helper runs in a user namespace of its own (rootless stores).
+    pub userns: UsernsMode,
 }
 
 impl ProxyConfig {
@@ -69,7 +76,64 @@ impl ProxyConfig {
             store,
             helper_exe: None,
             command_prefix: Vec::new(),
+            userns: UsernsMode::Auto,
         }
+    }
+}
+
+/// Whether a helper runs in a user namespace of its own, mapped from `/etc/subuid` and
+/// `/etc/subgid` as podman maps a rootless store's ids (see [`crate::userns`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UsernsMode {
+    /// When this process is not root, runs in the initial user namespace (not under `podman
+    /// unshare`), starts the helper without a command prefix, and the store is a
+    /// containers-storage store whose graph root it owns: a rootless store.
+    #[default]
+    Auto,
+    /// Never: the helper reads the store with this process's ids.
+    Never,
+    /// Always (an error where user namespaces cannot be made).
+    Always,
+}
+
+impl UsernsMode {
+    /// Does a helper for `config` need its own user namespace? With it, the store's location
+    /// as this process resolves it (its uid's defaults; root's would apply inside).
+    fn decide(config: &ProxyConfig) -> anyhow::Result<Option<Store>> {
+        let wanted = match config.userns {
+            UsernsMode::Never => return Ok(None),
+            UsernsMode::Always => true,
+            UsernsMode::Auto => {
+                !rustix::process::geteuid().is_root()
+                    && config.command_prefix.is_empty()
+                    && !crate::userns::in_user_namespace()
+                    && std::env::var_os("_CONTAINERS_USERNS_CONFIGURED").is_none()
+                    && matches!(config.store, Store::ContainersStorage { .. })
+            }
+        };
+        if !wanted {
+            return Ok(None);
+        }
+        let store = match &config.store {
+            Store::ContainersStorage { .. } => {
+                use crate::helper::cstor::config::{StorageEnv, resolve};
+                let loc = resolve(&config.store, &StorageEnv::from_process())?;
+                if config.userns == UsernsMode::Auto {
+                    // Only the user's own store: anyone else's ids are not the user's to map.
+                    let owner = rustix::fs::stat(&loc.graphroot).map(|st| st.st_uid);
+                    if owner.ok() != Some(rustix::process::geteuid().as_raw()) {
+                        return Ok(None);
+                    }
+                }
+                Store::ContainersStorage {
+                    driver: Some(loc.driver),
+                    graphroot: Some(loc.graphroot),
+                    runroot: Some(loc.runroot),
+                }
+            }
+            other => other.clone(),
+        };
+        Ok(Some(store))
     }
 }
 
@@ -145,6 +209,12 @@ impl Proxy {
     /// The helper cannot be started, dies, or speaks an incompatible protocol.
     pub fn spawn(config: &ProxyConfig) -> anyhow::Result<Proxy> {
         use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
+        let userns_store = UsernsMode::decide(config)?;
+        // Read before anything starts, so a missing range is the first and only error.
+        let maps = match userns_store {
+            Some(_) => Some(crate::userns::IdMaps::for_current_user()?),
+            None => None,
+        };
         let (ours, theirs) = socketpair(
             AddressFamily::UNIX,
             SocketType::STREAM,
@@ -170,15 +240,53 @@ impl Proxy {
             .arg("--socket-fd")
             .arg("0")
             .arg("--store")
-            .arg(config.store.to_string())
+            .arg(userns_store.as_ref().unwrap_or(&config.store).to_string())
             .arg("--parent-pid")
             .arg(std::process::id().to_string())
             .stdin(Stdio::from(theirs))
-            .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = cmd
+        // A rootless helper reports through its stdout that it entered its namespace.
+        let entered = match maps {
+            Some(_) => {
+                let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+                    .context("creating the user namespace handshake pipe")?;
+                cmd.arg("--userns").stdout(Stdio::from(w));
+                Some(r)
+            }
+            None => {
+                cmd.stdout(Stdio::null());
+                None
+            }
+        };
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting helper {}", exe.display()))?;
+        // `cmd` holds the handshake pipe's write end; without it the read end sees EOF when
+        // the helper dies.
+        drop(cmd);
+        let mut proxy = Proxy::adopt(child, ours)?;
+        if let (Some(maps), Some(entered)) = (maps, entered) {
+            proxy
+                .map_user_namespace(&maps, entered)
+                .context("starting a rootless helper")?;
+        }
+        let (info, _): (rpc::InitializeResult, _) =
+            proxy.call(&Request::Initialize(rpc::InitializeParams {
+                protocol_version: Some(rpc::PROTOCOL_VERSION.into()),
+            }))?;
+        if !rpc::version_compatible(&info.protocol_version) {
+            return Err(ProxyError::VersionMismatch {
+                theirs: info.protocol_version,
+                ours: rpc::PROTOCOL_VERSION,
+            }
+            .into());
+        }
+        proxy.info = info;
+        Ok(proxy)
+    }
+
+    /// A `Proxy` for a freshly spawned helper: its pidfd, its stderr reader, the transport.
+    fn adopt(mut child: Child, sock: OwnedFd) -> anyhow::Result<Proxy> {
         // Not reaped until we wait, so the pid cannot be reused before pidfd_open.
         let pid = rustix::process::Pid::from_child(&child);
         let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
@@ -191,25 +299,8 @@ impl Proxy {
         };
         let stderr = Arc::new(Mutex::new(StderrTail::default()));
         let mut stderr_reader = None;
-        if let Some(mut pipe) = child.stderr.take() {
-            let tail = stderr.clone();
-            let spawned = std::thread::Builder::new()
-                .name("helper-stderr".into())
-                .spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        let n = match pipe.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => n,
-                        };
-                        let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-                        t.bytes.extend(&buf[..n]);
-                        let excess = t.bytes.len().saturating_sub(STDERR_TAIL);
-                        t.bytes.drain(..excess);
-                    }
-                    tail.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
-                });
-            match spawned {
+        if let Some(pipe) = child.stderr.take() {
+            match spawn_stderr_reader(pipe, stderr.clone()) {
                 Ok(handle) => stderr_reader = Some(handle),
                 Err(e) => {
                     let _ = child.kill();
@@ -224,8 +315,8 @@ impl Proxy {
         let fd_batch = u32::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
             .unwrap_or(rpc::MAX_FDS_PER_REPLY)
             .clamp(1, rpc::MAX_FDS_PER_REPLY);
-        let mut proxy = Proxy {
-            transport: Transport::new(ours),
+        Ok(Proxy {
+            transport: Transport::new(sock),
             child,
             pidfd,
             stderr,
@@ -238,20 +329,39 @@ impl Proxy {
                 helper_version: String::new(),
                 capabilities: vec![],
             },
-        };
-        let (info, _): (rpc::InitializeResult, _) =
-            proxy.call(&Request::Initialize(rpc::InitializeParams {
-                protocol_version: Some(rpc::PROTOCOL_VERSION.into()),
-            }))?;
-        if !rpc::version_compatible(&info.protocol_version) {
-            return Err(ProxyError::VersionMismatch {
-                theirs: info.protocol_version,
-                ours: rpc::PROTOCOL_VERSION,
+        })
+    }
+
+    /// The parent's half of the rootless handshake (see [`crate::userns`]): wait until the
+    /// helper is in its new user namespace, write its id maps, let it go on.
+    fn map_user_namespace(
+        &mut self,
+        maps: &crate::userns::IdMaps,
+        entered: OwnedFd,
+    ) -> anyhow::Result<()> {
+        let mut byte = [0u8; 1];
+        let got = wait_readable(entered.as_fd(), self.pidfd.as_fd(), HANDSHAKE_TIMEOUT)
+            .and_then(|()| Ok(rustix::io::read(&entered, &mut byte)?));
+        match got {
+            Ok(1) if byte[0] == crate::userns::ENTERED => {}
+            Ok(_) | Err(_) => {
+                let why = got.map_or_else(|e| e.to_string(), |_| "no handshake".to_owned());
+                return Err(self
+                    .exit_error()
+                    .unwrap_or_else(|| anyhow!("the helper did not enter its namespace: {why}")));
             }
-            .into());
         }
-        proxy.info = info;
-        Ok(proxy)
+        maps.apply(self.helper_pid())?;
+        rustix::net::send(
+            &self.transport,
+            &[crate::userns::MAPPED],
+            rustix::net::SendFlags::NOSIGNAL,
+        )
+        .map_err(|e| {
+            self.exit_error()
+                .unwrap_or_else(|| anyhow::Error::new(e).context("releasing the helper"))
+        })?;
+        Ok(())
     }
 
     /// What the helper announced in `Initialize`.
@@ -296,7 +406,7 @@ impl Proxy {
         let pidfd = self.pidfd.as_fd();
         let received = self
             .transport
-            .recv_with(&mut |sock| wait_readable(sock, pidfd));
+            .recv_with(&mut |sock| wait_readable(sock, pidfd, None));
         let (reply, fds) = match received {
             Ok(Some(r)) => r,
             Ok(None) => {
@@ -461,15 +571,55 @@ impl Drop for Proxy {
     }
 }
 
-/// Block until `sock` is readable; error if the helper exits first.
-fn wait_readable(sock: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> std::io::Result<()> {
-    use rustix::event::{PollFd, PollFlags, poll};
+/// Read the helper's stderr into `tail` until it closes.
+fn spawn_stderr_reader(
+    mut pipe: std::process::ChildStderr,
+    tail: Arc<Mutex<StderrTail>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("helper-stderr".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
+                t.bytes.extend(&buf[..n]);
+                let excess = t.bytes.len().saturating_sub(STDERR_TAIL);
+                t.bytes.drain(..excess);
+            }
+            tail.lock().unwrap_or_else(|e| e.into_inner()).eof = true;
+        })
+}
+
+/// Block until `sock` is readable (at most `timeout`, if given); error if the helper exits
+/// first.
+fn wait_readable(
+    sock: BorrowedFd<'_>,
+    pidfd: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let mut fds = [
             PollFd::new(&sock, PollFlags::IN),
             PollFd::new(&pidfd, PollFlags::IN),
         ];
-        match poll(&mut fds, None) {
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if left == Some(Duration::ZERO) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "timed out waiting for the helper",
+            ));
+        }
+        let ts = left.map(|d| Timespec {
+            tv_sec: d.as_secs() as i64,
+            tv_nsec: i64::from(d.subsec_nanos()),
+        });
+        match poll(&mut fds, ts.as_ref()) {
             Ok(_) => {}
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),

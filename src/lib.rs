@@ -29,3 +29,4 @@ pub mod proto;
 pub mod pull;
 pub mod repo;
 pub mod sink;
+pub mod userns;

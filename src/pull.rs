@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, anyhow, bail};
 use sha2::{Digest, Sha256};
 
-use crate::client::{LayerItem, Proxy, ProxyConfig};
+use crate::client::{LayerItem, Proxy, ProxyConfig, UsernsMode};
 use crate::proto::rpc::{self, LayerInfo, LayerSelector};
 use crate::proto::source::ImageRef;
 use crate::repo::oci::{ImportStats, LayerImporter, prepare_image, publish_layer};
@@ -67,6 +67,8 @@ pub struct PullOptions {
     pub helper_exe: Option<PathBuf>,
     /// Command prefix for the helper (e.g. `sudo -n`).
     pub command_prefix: Vec<OsString>,
+    /// Whether the helper runs in a user namespace of its own (rootless stores).
+    pub userns: UsernsMode,
 }
 
 /// What happened to one layer.
@@ -176,6 +178,7 @@ pub fn pull(
         store: source.store.clone(),
         helper_exe: opts.helper_exe.clone(),
         command_prefix: opts.command_prefix.clone(),
+        userns: opts.userns,
     };
     let mut proxy = Proxy::spawn(&proxy_config)?;
     let image = proxy.open_image(&source.reference)?;

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
 use anyhow::{Context, bail, ensure};
@@ -374,7 +374,7 @@ impl LayerFiles<'_> {
 /// `O_NONBLOCK` so that a FIFO planted in the store cannot block the open.
 fn open_file(dir: impl AsFd, rel: &[u8]) -> anyhow::Result<Option<OwnedFd>> {
     match rustix::fs::openat2(
-        dir,
+        &dir,
         rel,
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
         Mode::empty(),
@@ -384,7 +384,44 @@ fn open_file(dir: impl AsFd, rel: &[u8]) -> anyhow::Result<Option<OwnedFd>> {
         Err(Errno::NOENT) => Ok(None),
         Err(Errno::LOOP) => bail!("is a symlink or lies beneath one"),
         Err(Errno::XDEV) => bail!("lies beyond a mount point"),
+        Err(e @ (Errno::ACCESS | Errno::PERM)) => Err(e).context(denied_why(dir.as_fd(), rel)),
         Err(e) => Err(e).context("opening"),
+    }
+}
+
+/// Why opening `rel` beneath `dir` was denied, as far as we can tell: inside a user namespace
+/// (a rootless helper), a file or directory owned by an id the namespace does not map shows
+/// as the overflow id, and no capability applies to it.
+fn denied_why(dir: BorrowedFd<'_>, rel: &[u8]) -> String {
+    let overflow = |what: &str| {
+        std::fs::read_to_string(format!("/proc/sys/kernel/overflow{what}"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .unwrap_or(65534)
+    };
+    let (ouid, ogid) = (overflow("uid"), overflow("gid"));
+    if !crate::userns::in_user_namespace() {
+        return "opening".to_owned();
+    }
+    // The file itself and every directory above it within the diff dir.
+    let mut path: &[u8] = rel;
+    loop {
+        if let Ok(st) = rustix::fs::statat(dir, path, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            && (st.st_uid == ouid || st.st_gid == ogid)
+        {
+            return format!(
+                "opening: {} is owned by an id outside this helper's user namespace (it shows \
+                 as {}:{}): the store's files must belong to the user or to its ranges in \
+                 /etc/subuid and /etc/subgid",
+                path.escape_ascii(),
+                st.st_uid,
+                st.st_gid
+            );
+        }
+        match path.iter().rposition(|&b| b == b'/') {
+            Some(i) => path = &path[..i],
+            None => return "opening".to_owned(),
+        }
     }
 }
 

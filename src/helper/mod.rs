@@ -7,7 +7,7 @@
 //! in the store is ever written.
 
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use crate::proto::rpc::LayerInfo;
 use crate::proto::source::Store;
@@ -118,21 +118,98 @@ pub fn open_backend(store: &Store) -> anyhow::Result<Box<dyn Backend>> {
     }
 }
 
-/// Make this helper process die with the client that spawned it (`PR_SET_PDEATHSIG`), and
-/// refuse to start if that client (`parent_pid`, as [`crate::client::Proxy::spawn`] passes it)
-/// is already gone: it may have died before the signal was armed, and then none would come.
-/// Only a backstop: the client kills and reaps its helper itself.
+/// Make this helper process die with the client that spawned it. Only a backstop: the
+/// client kills and reaps its helper itself, and the helper ends when the socket reaches end
+/// of file.
+///
+/// - `PR_SET_PDEATHSIG`: the helper is killed when its parent dies. That parent may be a
+///   wrapper (`sudo`, `runuser`, `systemd-run`, `timeout`) rather than the client.
+/// - `parent_pid` (the client, as [`crate::client::Proxy::spawn`] passes it): watched through
+///   a pidfd, so the helper exits when the client does even behind a wrapper that outlives
+///   it; refused at once if the client is already gone (it may have died before the signal
+///   was armed, and then none would come).
 ///
 /// # Errors
-/// The signal cannot be armed, or the parent is gone.
+/// The signal cannot be armed, or the client is gone.
 pub fn tie_to_parent(parent_pid: Option<i32>) -> anyhow::Result<()> {
     use anyhow::Context;
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
         .context("setting PR_SET_PDEATHSIG")?;
-    if let Some(pid) = parent_pid {
-        let ppid = rustix::process::getppid().map(|p| p.as_raw_nonzero().get());
-        anyhow::ensure!(ppid == Some(pid), "parent process {pid} is gone");
+    let Some(pid) = parent_pid else {
+        return Ok(());
+    };
+    let gone = || anyhow::anyhow!("parent process {pid} is gone");
+    let raw = rustix::process::Pid::from_raw(pid).ok_or_else(gone)?;
+    let pidfd = match rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(rustix::io::Errno::SRCH) => return Err(gone()),
+        Err(e) => return Err(e).context(format!("watching parent process {pid}")),
+    };
+    std::thread::Builder::new()
+        .name("parent-watch".into())
+        .spawn(move || {
+            let mut fds = [rustix::event::PollFd::new(
+                &pidfd,
+                rustix::event::PollFlags::IN,
+            )];
+            // Readable once the process has exited; EINTR just polls again.
+            while !matches!(rustix::event::poll(&mut fds, None), Ok(n) if n > 0) {}
+            // The client is gone: nobody will read what we produce.
+            std::process::exit(1);
+        })
+        .context("starting the parent watcher")?;
+    Ok(())
+}
+
+/// The uid of the process that made the client's end of `sock`, as the kernel recorded it
+/// (`SO_PEERCRED`), when it can be read: the client of a socketpair is its creator whatever
+/// wrapper started the helper, and cannot pretend otherwise. `None` outside the initial pid
+/// namespace, where the creator may be invisible.
+pub fn client_uid(sock: impl AsFd) -> Option<u32> {
+    // An invisible creator's pid reads as 0, which rustix's `UCred` cannot hold; only the
+    // initial pid namespace (one `NSpid` entry) sees every process.
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+    if nspid.split_whitespace().count() != 1 {
+        return None;
     }
+    rustix::net::sockopt::socket_peercred(sock)
+        .ok()
+        .map(|c| c.uid.as_raw())
+}
+
+/// Is this process privileged on the host: uid 0 in the initial user namespace?
+pub fn is_privileged() -> bool {
+    rustix::process::geteuid().is_root() && !crate::userns::in_user_namespace()
+}
+
+/// A privileged helper serving an unprivileged client (through `sudo`, `run0`, …) serves only
+/// stores whose root directory belongs to root: in a store an unprivileged user owns, hard
+/// links planted by that user could make the helper open files the client may not read.
+///
+/// # Errors
+/// The store belongs to another user, or cannot be found.
+pub fn check_store_for_client(store: &Store, client_uid: Option<u32>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if !is_privileged() || client_uid == Some(0) {
+        return Ok(());
+    }
+    let root = match store {
+        Store::ContainersStorage { .. } => {
+            cstor::config::resolve(store, &cstor::config::StorageEnv::from_process())?.graphroot
+        }
+        Store::OciLayout { dir } => dir.clone(),
+    };
+    let st = rustix::fs::stat(&root).with_context(|| format!("inspecting {}", root.display()))?;
+    let client = client_uid.map_or_else(|| "an unknown uid".to_owned(), |u| format!("uid {u}"));
+    anyhow::ensure!(
+        st.st_uid == 0,
+        "refusing to serve {} as a privileged helper for {client}: it belongs to uid {}, an \
+         unprivileged user, whose hard links could expose files the client may not read; read \
+         a user's own store without a privileged helper (rootless)",
+        root.display(),
+        st.st_uid
+    );
     Ok(())
 }
 
@@ -145,11 +222,15 @@ pub fn tie_to_parent(parent_pid: Option<i32>) -> anyhow::Result<()> {
 /// The arguments are not the ones `Proxy::spawn` passes, stdin is not a socket, or serving failed.
 pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     use anyhow::{bail, ensure};
-    use std::os::fd::AsFd;
     let mut store = None;
     let mut parent = None;
+    let mut userns = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
+        if a == "--userns" {
+            userns = true;
+            continue;
+        }
         match (a.as_str(), it.next()) {
             ("--socket-fd", Some(n)) => {
                 ensure!(n == "0", "only --socket-fd 0 (stdin) is supported here")
@@ -162,12 +243,17 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     let Some(store) = store else {
         bail!("helper needs --store")
     };
-    tie_to_parent(parent)?;
     let sock = std::io::stdin().as_fd().try_clone_to_owned()?;
     let st = rustix::fs::fstat(&sock)?;
     ensure!(
         rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket,
         "stdin is not a socket"
     );
+    // First, while the process has one thread (the kernel requires it).
+    if userns {
+        crate::userns::enter_and_wait(sock.as_fd())?;
+    }
+    tie_to_parent(parent)?;
+    check_store_for_client(&store, client_uid(&sock))?;
     server::serve(sock, store)
 }

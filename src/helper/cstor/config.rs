@@ -44,14 +44,22 @@ pub struct StorageEnv {
 
 impl StorageEnv {
     /// Read the variables of the running process.
+    ///
+    /// Inside a rootless user namespace that podman made (`podman unshare`: it sets
+    /// `_CONTAINERS_USERNS_CONFIGURED` and `_CONTAINERS_ROOTLESS_UID`), the process is uid 0
+    /// but its store is still the user's: the user's uid picks the defaults, as
+    /// containers/storage does there.
     pub fn from_process() -> Self {
         let var = |name| {
             std::env::var_os(name)
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         };
+        let rootless_uid = std::env::var_os("_CONTAINERS_USERNS_CONFIGURED")
+            .and_then(|_| std::env::var("_CONTAINERS_ROOTLESS_UID").ok())
+            .and_then(|u| u.parse::<u32>().ok());
         StorageEnv {
-            uid: rustix::process::geteuid().as_raw(),
+            uid: rootless_uid.unwrap_or_else(|| rustix::process::geteuid().as_raw()),
             conf_override: var("CONTAINERS_STORAGE_CONF"),
             home: var("HOME"),
             xdg_config_home: var("XDG_CONFIG_HOME"),
