@@ -143,6 +143,8 @@ fn describe(e: &StreamError) -> (&'static str, Vec<(&'static str, String)>) {
                 TarError::ExtensionTooLong { offset, .. } => ("ExtensionTooLong", offset),
                 TarError::PaxRecord { offset, .. } => ("PaxRecord", offset),
                 TarError::SparseNotGnu { offset } => ("SparseNotGnu", offset),
+                TarError::SizeOverflow { offset, .. } => ("SizeOverflow", offset),
+                TarError::OffsetOverflow { offset, .. } => ("OffsetOverflow", offset),
                 other => panic!("unexpected tar error {other:?}"),
             };
             (

@@ -6,7 +6,9 @@
 //! segments travel inline verbatim, and each file body is opened in the layer's diff dir with
 //! `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV)` and
 //! passed as an fd (or read and inlined when small). So the client rebuilds the exact layer tar,
-//! and checks its diff_id, without the helper reading any body it sends as an fd.
+//! and checks its diff_id, without the helper reading any body it sends as an fd. The segments
+//! are framed on the way by [`crate::proto::tar::Tracker`], the stream reader's framer, which
+//! decides where a body belongs and how large it is; tar-split's file records only name it.
 //!
 //! Nothing in the store is created or written: the lock files are opened read-only.
 
@@ -26,6 +28,7 @@ use super::tarsplit::{self, Entry, TarSplitReader};
 use super::{Backend, BackendError, LayerLocator, LayerSink, OpenedImage};
 use crate::proto::rpc::{LayerInfo, MAX_INLINE_THRESHOLD};
 use crate::proto::source::Store;
+use crate::proto::tar::{Position, Tracker};
 
 pub mod config;
 mod store;
@@ -282,31 +285,74 @@ impl Backend for CstorBackend {
             buf: Vec::new(),
         };
         let mut entries = 0u64;
+        // The tar is framed as it is rebuilt, by the stream reader's own framer: a body is
+        // sent only where the tar has a regular-file body, of the size its header declares.
+        // tar-split's file records alone would not do: they carry Go's `Header.Size` (the
+        // size field even of entries that have no body, such as a `\0` entry named `dir/`),
+        // and their sizes are input a hostile store chooses.
+        let mut tar = Tracker::new();
         for entry in TarSplitReader::from_gzip(tar_split) {
             let entry = entry.with_context(|| format!("reading {tar_split_rel}"))?;
             match entry {
-                Entry::Segment(bytes) => out.push(&bytes).with_context(|| sending(layer_id))?,
+                Entry::Segment(bytes) => {
+                    tar.feed(&bytes).with_context(|| {
+                        format!("layer {layer_id}: invalid tar in {tar_split_rel}")
+                    })?;
+                    out.push(&bytes).with_context(|| sending(layer_id))?
+                }
                 Entry::File(file) => {
                     entries += 1;
-                    if file.size == 0 {
-                        continue;
-                    }
                     let name = || file.name.escape_ascii();
-                    let fd = files
-                        .open_body(&file.name, file.size)
+                    let body = tar.file_body().filter(|b| b.remaining == b.size);
+                    let (size, sparse) = match body {
+                        Some(body) => (body.size, body.sparse),
+                        // Go reads no body for this entry: there is nothing to send, whatever
+                        // size tar-split recorded.
+                        None if tar.position() == Position::Header => continue,
+                        None => bail!(
+                            "layer {layer_id}: {}: tar-split records a {}-byte body at tar \
+                             offset {}, in {}",
+                            name(),
+                            file.size,
+                            tar.offset(),
+                            tar.position()
+                        ),
+                    };
+                    ensure!(
+                        file.size == size,
+                        "layer {layer_id}: {}: tar-split records {} bytes, the tar header {size}{}",
+                        name(),
+                        file.size,
+                        if sparse {
+                            " (a sparse file: tar-split keeps the expanded file, not the \
+                             archive's segments)"
+                        } else {
+                            ""
+                        }
+                    );
+                    tar.skip_file_body()
                         .with_context(|| format!("layer {layer_id}: {}", name()))?;
-                    if file.size <= inline_threshold {
-                        out.push_body(fd, file.size, file.crc64)
+                    let fd = files
+                        .open_body(&file.name, size)
+                        .with_context(|| format!("layer {layer_id}: {}", name()))?;
+                    if size <= inline_threshold {
+                        out.push_body(fd, size, file.crc64)
                             .with_context(|| format!("layer {layer_id}: {}", name()))?;
                     } else {
                         out.flush().with_context(|| sending(layer_id))?;
                         out.sink
-                            .file(fd, file.size, file.crc64)
+                            .file(fd, size, file.crc64)
                             .with_context(|| sending(layer_id))?;
                     }
                 }
             }
         }
+        ensure!(
+            tar.at_clean_end(),
+            "layer {layer_id}: {tar_split_rel} ends at tar offset {} inside {}",
+            tar.offset(),
+            tar.position()
+        );
         out.flush().with_context(|| sending(layer_id))?;
         Ok(entries)
     }

@@ -6,6 +6,11 @@
 //! whole tar inline, in chunks of at most [`MAX_CHUNK`], while it checks the blob's digest and the
 //! layer's diff_id. The client never takes a stream without `complete` as a whole layer, so
 //! failing at the end, after the data went out, is enough.
+//!
+//! The tar is framed as it goes by [`crate::proto::tar::Tracker`], the stream reader's own
+//! framer: the entry count the helper reports is the one the client counts, and a tar the
+//! client would reject (a bad header, a size past 2^64, a truncated entry) fails here first,
+//! before its bad bytes are sent.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
@@ -19,15 +24,13 @@ use sha2::{Digest, Sha256};
 
 use super::{Backend, BackendError, LayerLocator, LayerSink, OpenedImage};
 use crate::proto::rpc::LayerInfo;
+use crate::proto::tar::Tracker;
 
 /// Largest inline chunk sent to the sink: the codec's inline chunk limit (1 MiB).
 pub const MAX_CHUNK: usize = 1 << 20;
 /// Largest `index.json`, manifest or config read. Registries cap manifests at 4 MiB; configs
 /// with long histories are larger but nowhere near this.
 pub const MAX_JSON_LEN: u64 = 64 << 20;
-/// Largest PAX extended header collected to find a `size` record while counting entries; larger
-/// ones are skipped (their entry still counts).
-const MAX_PAX_LEN: u64 = 1 << 20;
 /// The annotation naming a manifest in an OCI layout's index.
 const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
@@ -378,26 +381,32 @@ impl OciBackend {
                 hasher: Sha256::new(),
             },
         );
-        let mut counter = TarEntryCounter::default();
+        let mut tar = Tracker::new();
         let mut diff_hasher = Sha256::new();
         match compression {
             Compression::None => {
-                send_all(&mut compressed, sink, &mut diff_hasher, &mut counter)?;
+                send_all(&mut compressed, sink, &mut diff_hasher, &mut tar)?;
             }
             Compression::Gzip => {
                 // Multi-member, as Go reads gzip; anything after the last member that is not
                 // another gzip member fails here.
                 let mut dec = flate2::bufread::MultiGzDecoder::new(&mut compressed);
-                send_all(&mut dec, sink, &mut diff_hasher, &mut counter)
+                send_all(&mut dec, sink, &mut diff_hasher, &mut tar)
                     .context("decompressing gzip")?;
             }
             Compression::Zstd => {
                 let mut dec = zstd::stream::read::Decoder::with_buffer(&mut compressed)
                     .context("starting zstd")?;
-                send_all(&mut dec, sink, &mut diff_hasher, &mut counter)
+                send_all(&mut dec, sink, &mut diff_hasher, &mut tar)
                     .context("decompressing zstd")?;
             }
         }
+        ensure!(
+            tar.at_clean_end(),
+            "the layer tar ends at tar offset {} inside {}",
+            tar.offset(),
+            tar.position()
+        );
         ensure!(
             compressed.fill_buf()?.is_empty(),
             "trailing data after the compressed stream"
@@ -409,16 +418,17 @@ impl OciBackend {
             actual_diff == diff_id,
             "the uncompressed layer has digest {actual_diff}, the config says {diff_id}"
         );
-        Ok(counter.entries)
+        Ok(tar.entries())
     }
 }
 
-/// Copy `reader` to the sink in chunks of up to [`MAX_CHUNK`], hashing and counting entries.
+/// Copy `reader` to the sink in chunks of up to [`MAX_CHUNK`], hashing and framing them; a
+/// chunk the framer rejects is not sent.
 fn send_all(
     reader: &mut dyn Read,
     sink: &mut dyn LayerSink,
     hasher: &mut Sha256,
-    counter: &mut TarEntryCounter,
+    tar: &mut Tracker,
 ) -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
@@ -436,7 +446,7 @@ fn send_all(
         }
         let chunk = &buf[..filled];
         hasher.update(chunk);
-        counter.feed(chunk);
+        tar.feed(chunk).context("invalid layer tar")?;
         sink.inline(chunk).context("sending the layer")?;
     }
 }
@@ -455,133 +465,26 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// tar block size.
-const BLOCK: u64 = 512;
-
-/// Counts tar entries in a stream fed in arbitrary pieces, as Go's `archive/tar` (and so
-/// tar-split) sees them: PAX local headers and GNU long name/link headers fold into the entry
-/// that follows; PAX `size` records override the header's size; header-only types have no body.
-#[derive(Debug, Default)]
-struct TarEntryCounter {
-    entries: u64,
-    header: Vec<u8>,
-    /// Bytes to skip (body and padding) before the next header.
-    skip: u64,
-    /// Body of a PAX local header being collected, and how much of it is left.
-    pax: Option<(Vec<u8>, u64)>,
-    /// Size from a PAX `size` record, for the next entry.
-    pax_size: Option<u64>,
-    /// The end-of-archive block was seen: the rest is padding.
-    ended: bool,
-}
-
-impl TarEntryCounter {
-    fn feed(&mut self, mut data: &[u8]) {
-        while !data.is_empty() && !self.ended {
-            if let Some((body, left)) = &mut self.pax {
-                let take = (*left).min(data.len() as u64) as usize;
-                if (body.len() as u64) < MAX_PAX_LEN {
-                    body.extend_from_slice(&data[..take]);
-                }
-                *left -= take as u64;
-                data = &data[take..];
-                if *left == 0 {
-                    let (body, _) = self.pax.take().expect("checked above");
-                    self.pax_size = pax_size(&body);
-                }
-                continue;
-            }
-            if self.skip > 0 {
-                let take = self.skip.min(data.len() as u64);
-                self.skip -= take;
-                data = &data[take as usize..];
-                continue;
-            }
-            let take = (BLOCK as usize - self.header.len()).min(data.len());
-            self.header.extend_from_slice(&data[..take]);
-            data = &data[take..];
-            if self.header.len() == BLOCK as usize {
-                let header = std::mem::take(&mut self.header);
-                self.header_done(&header);
-            }
-        }
-    }
-
-    fn header_done(&mut self, h: &[u8]) {
-        if h.iter().all(|&b| b == 0) {
-            self.ended = true;
-            return;
-        }
-        let size = parse_numeric(&h[124..136]);
-        let padded = |n: u64| n.div_ceil(BLOCK) * BLOCK;
-        match h[156] {
-            b'x' => {
-                // The padding after the PAX body is skipped once the body is collected.
-                self.skip = padded(size) - size;
-                self.pax = (size > 0).then(|| (Vec::new(), size));
-            }
-            b'L' | b'K' => self.skip = padded(size),
-            kind => {
-                self.entries += 1;
-                let size = self.pax_size.take().unwrap_or(size);
-                // Header-only types carry no body whatever their size field says.
-                let body = if matches!(kind, b'1' | b'2' | b'3' | b'4' | b'5' | b'6') {
-                    0
-                } else {
-                    size
-                };
-                self.skip = padded(body);
-            }
-        }
-    }
-}
-
-/// A tar numeric field: octal text, or base-256 when the high bit of the first byte is set.
-fn parse_numeric(field: &[u8]) -> u64 {
-    if field[0] & 0x80 != 0 {
-        return field[1..]
-            .iter()
-            .fold(u64::from(field[0] & 0x7f), |acc, &b| {
-                (acc << 8) | u64::from(b)
-            });
-    }
-    field
-        .iter()
-        .skip_while(|&&b| b == b' ' || b == 0)
-        .take_while(|&&b| (b'0'..=b'7').contains(&b))
-        .fold(0u64, |acc, &b| acc.saturating_mul(8) + u64::from(b - b'0'))
-}
-
-/// The `size` record of a PAX extended header body (`"%d size=%d\n"` records).
-fn pax_size(mut body: &[u8]) -> Option<u64> {
-    let mut size = None;
-    while let Some(space) = body.iter().position(|&b| b == b' ') {
-        let len: usize = std::str::from_utf8(&body[..space]).ok()?.parse().ok()?;
-        if len <= space || len > body.len() {
-            return size;
-        }
-        let record = &body[space + 1..len];
-        if let Some(v) = record.strip_prefix(b"size=") {
-            size = std::str::from_utf8(v.strip_suffix(b"\n")?)
-                .ok()?
-                .parse()
-                .ok();
-        }
-        body = &body[len..];
-    }
-    size
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn header(name: &str, kind: u8, size: u64) -> Vec<u8> {
+    /// A header with a valid checksum; `magic` is ustar (`ustar\0` `00`) or GNU (`ustar ` ` \0`).
+    fn header(name: &str, kind: u8, size: u64, gnu: bool) -> Vec<u8> {
         let mut h = vec![0u8; 512];
         h[..name.len()].copy_from_slice(name.as_bytes());
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124..136].copy_from_slice(format!("{size:011o}\0").as_bytes());
         h[156] = kind;
+        h[257..265].copy_from_slice(if gnu { b"ustar  \0" } else { b"ustar\x0000" });
+        checksum(&mut h);
         h
+    }
+
+    fn checksum(h: &mut [u8]) {
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     }
 
     fn body(len: usize) -> Vec<u8> {
@@ -590,45 +493,77 @@ mod tests {
         b
     }
 
+    /// Collects what `send_all` sends.
+    #[derive(Default)]
+    struct Collect(Vec<u8>);
+
+    impl LayerSink for Collect {
+        fn inline(&mut self, data: &[u8]) -> std::io::Result<()> {
+            self.0.extend_from_slice(data);
+            Ok(())
+        }
+        fn file(&mut self, _: OwnedFd, _: u64, _: Option<u64>) -> std::io::Result<()> {
+            unreachable!("the OCI backend sends no fds")
+        }
+    }
+
+    fn send(tar: &[u8]) -> (anyhow::Result<()>, Tracker, Vec<u8>) {
+        let mut sink = Collect::default();
+        let mut tracker = Tracker::new();
+        let r = send_all(&mut &tar[..], &mut sink, &mut Sha256::new(), &mut tracker);
+        (r, tracker, sink.0)
+    }
+
     #[test]
-    fn counts_entries_like_go() {
+    fn counts_entries_as_the_stream_reader_does() {
         let mut tar = Vec::new();
-        tar.extend(header("a", b'0', 5));
+        tar.extend(header("a", b'0', 5, false));
         tar.extend(body(5));
-        tar.extend(header("d/", b'5', 0));
+        // A directory in the old style: typeflag NUL, name ending in '/', and a size field
+        // Go ignores (no body follows).
+        tar.extend(header("d/", 0, 700, false));
         // A PAX header overriding the size of the next entry.
         let rec = "13 size=1000\n";
-        tar.extend(header("pax", b'x', rec.len() as u64));
+        tar.extend(header("pax", b'x', rec.len() as u64, false));
         tar.extend({
             let mut b = rec.as_bytes().to_vec();
             b.resize(512, 0);
             b
         });
-        tar.extend(header("big", b'0', 0));
+        tar.extend(header("big", b'0', 0, false));
         tar.extend(body(1000));
-        tar.extend(header("././@LongLink", b'L', 600));
+        tar.extend(header("././@LongLink", b'L', 600, true));
         tar.extend(body(600));
-        tar.extend(header("hl", b'1', 99));
+        tar.extend(header("hl", b'1', 99, true));
+        // Old GNU sparse with one extension block: 1024 bytes of segments after it.
+        let mut sparse = header("s", b'S', 1024, true);
+        sparse[482] = 1;
+        checksum(&mut sparse);
+        tar.extend(sparse);
+        tar.extend([0u8; 512]);
+        tar.extend(body(1024));
         tar.extend([0u8; 1024]);
-        tar.extend([1u8; 100]); // trailing garbage after the end is ignored
-        for piece in [1, 7, 512, 513, 100_000] {
-            let mut c = TarEntryCounter::default();
-            for chunk in tar.chunks(piece) {
-                c.feed(chunk);
-            }
-            assert_eq!(c.entries, 4, "piece {piece}");
-        }
+        tar.extend([1u8; 100]); // trailing bytes after the end are kept
+        let (r, tracker, sent) = send(&tar);
+        r.unwrap();
+        assert_eq!(tracker.entries(), 5);
+        assert!(tracker.at_clean_end() && tracker.in_trailer());
+        assert_eq!(sent, tar);
     }
 
     #[test]
-    fn numeric_fields() {
-        assert_eq!(parse_numeric(b"00000000144\0"), 100);
-        assert_eq!(parse_numeric(b"     144 \0\0\0"), 100);
-        assert_eq!(parse_numeric(&[0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]), 256);
+    fn a_size_past_2_pow_63_is_an_error_and_is_not_sent() {
+        let mut h = header("big", b'0', 0, true);
+        h[124] = 0x80;
+        h[125..136].fill(0xff);
+        checksum(&mut h);
+        let (r, _, sent) = send(&h);
+        let err = format!("{:#}", r.unwrap_err());
         assert_eq!(
-            pax_size(b"30 mtime=1234567890.123456789\n11 size=42\n"),
-            Some(42)
+            err,
+            "invalid layer tar: tar header at tar offset 0: invalid size field (neither octal \
+             nor a base-256 number below 2^63)"
         );
-        assert_eq!(pax_size(b"garbage"), None);
+        assert!(sent.is_empty());
     }
 }

@@ -1290,6 +1290,99 @@ mod tests {
         assert_eq!((r.entries(), r.fd_refs()), (3, 2));
     }
 
+    /// A ustar header for a regular file whose size field is base-256 `size`.
+    fn base256_header(name: &[u8], size: u64) -> [u8; 512] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name);
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+        h[156] = b'0';
+        h[257..265].copy_from_slice(USTAR);
+        h[148..156].fill(b' ');
+        let sum: u32 = h.iter().map(|&x| u32::from(x)).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        h
+    }
+
+    /// Two regular files of 2^63 - 1 bytes (the largest base-256 size), each body an fd
+    /// reference: 1,065 bytes of stream. The second body would end past tar offset 2^64 - 1;
+    /// the reader says so instead of overflowing (a panic with overflow checks, a wrapped
+    /// offset without).
+    #[test]
+    fn bodies_past_2_pow_64_are_an_error() {
+        let size = i64::MAX as u64;
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&(-512i64).to_le_bytes());
+        stream.extend_from_slice(&base256_header(b"a", size));
+        stream.extend_from_slice(&0i64.to_le_bytes());
+        // One byte pads the first body to 2^63 bytes.
+        stream.extend_from_slice(&(-1i64).to_le_bytes());
+        stream.push(0);
+        let second = stream.len() as u64;
+        stream.extend_from_slice(&(-512i64).to_le_bytes());
+        stream.extend_from_slice(&base256_header(b"b", size));
+        stream.extend_from_slice(&1i64.to_le_bytes());
+        assert_eq!(stream.len(), 1065);
+
+        let mut r = Reader::new(stream.as_slice());
+        assert!(matches!(r.next_item(), Ok(Some(Item::Inline(h))) if h.len() == 512));
+        assert_eq!(r.next_item().unwrap(), Some(Item::FdRef { index: 0, size }));
+        assert!(matches!(r.next_item(), Ok(Some(Item::Inline([0])))));
+        let err = r.next_item().unwrap_err();
+        let tar_offset = size + 513;
+        match &err {
+            StreamError::BadTarHeader {
+                offset,
+                source:
+                    TarError::SizeOverflow {
+                        offset: at,
+                        size: s,
+                    },
+            } => assert_eq!((*offset, *at, *s), (second, tar_offset, size)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            std::error::Error::source(&err).unwrap().to_string(),
+            format!(
+                "tar entry at tar offset {tar_offset}: a body of {size} bytes would end past \
+                 the largest tar offset (2^64 - 1)"
+            )
+        );
+        assert!(matches!(
+            r.next_item().unwrap_err(),
+            StreamError::Failed { offset } if offset == second
+        ));
+    }
+
+    /// An entry that ends just below tar offset 2^64 - 1 is fine; the end-of-archive blocks
+    /// after it are not.
+    #[test]
+    fn trailer_past_2_pow_64_is_an_error() {
+        let size = i64::MAX as u64;
+        let mut w = Writer::new(Vec::new());
+        w.write_inline(&base256_header(b"a", size)).unwrap();
+        w.write_fd_ref(0).unwrap();
+        w.write_inline(&[0]).unwrap();
+        // Its body ends at u64::MAX - 512, its one byte of padding at u64::MAX - 511.
+        w.write_inline(&base256_header(b"b", size - 1536)).unwrap();
+        w.write_fd_ref(1).unwrap();
+        w.write_inline(&[0u8; 1024]).unwrap();
+        let stream = w.into_inner().unwrap();
+        let mut r = Reader::new(stream.as_slice());
+        for _ in 0..5 {
+            r.next_item().unwrap().unwrap();
+        }
+        assert_eq!(r.tar_bytes(), u64::MAX - 512);
+        match r.next_item().unwrap_err() {
+            StreamError::BadTarHeader {
+                source: TarError::OffsetOverflow { offset, len },
+                ..
+            } => assert_eq!((offset, len), (u64::MAX - 511, 512)),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn check_file_fd_kinds() {
         let memfd = rustix::fs::memfd_create("body", rustix::fs::MemfdFlags::CLOEXEC).unwrap();

@@ -19,12 +19,19 @@
 //!   change the next entry's size.
 //! - `L`/`K` (GNU long name/link) headers carry the next entry's name/link target.
 //! - `S` (old GNU sparse) headers may be followed by extension blocks (while byte 504 of the
-//!   previous block, or byte 482 of the header, is non-zero), then the body.
+//!   previous block, or byte 482 of the header, is non-zero), then the body. A body of a sparse
+//!   entry (`S`, or a PAX `GNU.sparse.*` record) is the archive's map and data segments, not the
+//!   expanded file; [`Tracker::file_body`] says which bodies are sparse.
+//! - Every entry, with its body and padding, ends below tar offset 2^64; sizes that would take
+//!   the archive past it are errors ([`TarError::SizeOverflow`]), never wrapped.
 //! - A zero block ends the archive. Go also wants a second zero block; this tracker is lenient and
 //!   treats everything after the first zero block as trailer (tar-split keeps trailing bytes).
 //!
 //! [`Tracker`] applies these rules incrementally to bytes fed in arbitrary pieces, looks only at
-//! header bytes, and never buffers more than one 512-byte block.
+//! header bytes, and never buffers more than one 512-byte block. It is the crate's one tar
+//! framer: the stream reader, the OCI layout backend (which counts entries with it) and the
+//! repository importer (which decides with it which bodies become objects) all use it, so they
+//! cannot disagree about where an entry starts.
 
 use std::fmt;
 use std::ops::Range;
@@ -87,7 +94,10 @@ pub enum TarError {
         offset: u64,
     },
     /// The size field is neither valid octal nor valid base-256 (or overflows 63 bits).
-    #[error("tar header at tar offset {offset}: invalid size field")]
+    #[error(
+        "tar header at tar offset {offset}: invalid size field (neither octal nor a base-256 \
+         number below 2^63)"
+    )]
     SizeField {
         /// Tar offset of the header.
         offset: u64,
@@ -124,6 +134,27 @@ pub enum TarError {
     SparseNotGnu {
         /// Tar offset of the header.
         offset: u64,
+    },
+    /// An entry's body, with its padding, would end past tar offset `u64::MAX`: its size (from
+    /// the header's base-256 size field or a PAX `size` record) cannot be a real body there.
+    #[error(
+        "tar entry at tar offset {offset}: a body of {size} bytes would end past the largest \
+         tar offset (2^64 - 1)"
+    )]
+    SizeOverflow {
+        /// Tar offset of the header (for old GNU sparse entries: of the block the body follows).
+        offset: u64,
+        /// The body size declared.
+        size: u64,
+    },
+    /// More tar bytes arrived than fit below tar offset `u64::MAX` (after entries whose
+    /// declared sizes reached near it).
+    #[error("tar offset {offset}: {len} more bytes would pass the largest tar offset (2^64 - 1)")]
+    OffsetOverflow {
+        /// Tar offset reached.
+        offset: u64,
+        /// Bytes that did not fit.
+        len: u64,
     },
     /// [`Tracker::skip_file_body`] was called elsewhere than at the start of a regular-file body.
     #[error("tar offset {offset} is in {position}, not at the start of a regular-file body")]
@@ -290,6 +321,8 @@ struct Pending {
     pax_size: Option<u64>,
     /// Whether the PAX `path` record of the last `x` header ends in `/`.
     pax_path_is_dir: Option<bool>,
+    /// Whether the last `x` header has `GNU.sparse.*` records (a PAX sparse entry).
+    pax_sparse: bool,
     /// Whether the last GNU long name ends in `/`.
     long_name_is_dir: Option<bool>,
 }
@@ -303,6 +336,8 @@ enum PaxKey {
     Path,
     /// `linkpath`, `uname`, `gname`: values must not contain NUL.
     NoNulValue,
+    /// `GNU.sparse.*`: the entry is a PAX sparse file (its key must not contain NUL either).
+    GnuSparse,
     /// Anything else: the key must not contain NUL.
     Other,
 }
@@ -320,14 +355,17 @@ enum PaxState {
 
 /// Longest decimal record length accepted; 19 digits cannot overflow a u64.
 const PAX_MAX_LEN_DIGITS: u32 = 19;
-/// Longest key kept for comparison (`linkpath`); longer keys are only counted.
-const PAX_KEY_KEEP: usize = 8;
+/// Longest key prefix kept for comparison (`GNU.sparse.`); longer keys are only counted.
+const PAX_KEY_KEEP: usize = 11;
+/// Prefix of the PAX keys of GNU sparse files (`GNU.sparse.major`, `GNU.sparse.map`, …).
+const PAX_GNU_SPARSE_PREFIX: &[u8; PAX_KEY_KEEP] = b"GNU.sparse.";
 
 /// Streaming parser of PAX records (`"%d %s=%s\n"`), following Go's `parsePAXRecord`: the
 /// length counts the whole record, is at least 5 and fits in what is left of the body; the key
 /// ends at the first `=` and is not empty; the record ends in `\n`; `path`, `linkpath`,
-/// `uname`, `gname` values and all other keys contain no NUL. Keeps only `size` and whether
-/// `path` ends in `/`, so memory is constant whatever the record sizes.
+/// `uname`, `gname` values and all other keys contain no NUL. Keeps only `size`, whether
+/// `path` ends in `/` and whether a `GNU.sparse.*` key appeared, so memory is constant whatever
+/// the record sizes.
 #[derive(Debug, Clone)]
 struct PaxParser {
     state: PaxState,
@@ -352,6 +390,8 @@ struct PaxParser {
     size: Option<u64>,
     /// Result: whether the last `path` record ends in `/` (`None` if absent or empty).
     path_is_dir: Option<bool>,
+    /// Result: whether a `GNU.sparse.*` record appeared.
+    sparse: bool,
 }
 
 impl PaxParser {
@@ -372,6 +412,7 @@ impl PaxParser {
             val_num: Some(0),
             size: None,
             path_is_dir: None,
+            sparse: false,
         }
     }
 
@@ -420,6 +461,7 @@ impl PaxParser {
                             (true, b"size") => PaxKey::Size,
                             (true, b"path") => PaxKey::Path,
                             (true, b"linkpath" | b"uname" | b"gname") => PaxKey::NoNulValue,
+                            (false, k) if k == PAX_GNU_SPARSE_PREFIX => PaxKey::GnuSparse,
                             _ => PaxKey::Other,
                         };
                         self.state = PaxState::Value;
@@ -470,7 +512,9 @@ impl PaxParser {
             PaxKey::Path | PaxKey::NoNulValue if self.val_has_nul => {
                 return Err("NUL in a path, linkpath, uname or gname value");
             }
-            PaxKey::Size | PaxKey::Other if self.key_has_nul => return Err("NUL in a key"),
+            PaxKey::Size | PaxKey::GnuSparse | PaxKey::Other if self.key_has_nul => {
+                return Err("NUL in a key");
+            }
             _ => {}
         }
         match self.which {
@@ -481,6 +525,7 @@ impl PaxParser {
             },
             PaxKey::Path if self.val_len == 0 => self.path_is_dir = None,
             PaxKey::Path => self.path_is_dir = Some(self.val_last == b'/'),
+            PaxKey::GnuSparse => self.sparse = true,
             _ => {}
         }
         Ok(())
@@ -519,8 +564,9 @@ impl NameTail {
 /// What a body is.
 #[derive(Debug, Clone)]
 enum BodyKind {
-    /// A regular file (`0`, `\0`, `7`, `S`): may be elided as an fd reference.
-    File,
+    /// A regular file (`0`, `\0`, `7`, `S`): may be elided as an fd reference. `sparse` for an
+    /// old GNU sparse (`S`) or PAX sparse entry, whose body is the archive's map and segments.
+    File { sparse: bool },
     /// Any other entry with a body (e.g. GNU dumpdir, unknown typeflags): must travel inline.
     Data,
     /// PAX records (`x` when `!global`, `g` when `global`).
@@ -548,6 +594,19 @@ enum State {
     Padding { remaining: u64 },
     /// After the first zero block: anything goes.
     Trailer,
+}
+
+/// The regular-file body a [`Tracker`] is in, from [`Tracker::file_body`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FileBody {
+    /// The body's size in bytes (> 0).
+    pub size: u64,
+    /// Bytes of it not consumed yet (`size` at its start).
+    pub remaining: u64,
+    /// The entry is sparse (old GNU `S`, or PAX `GNU.sparse.*` records): the body holds the
+    /// archive's sparse map (PAX 1.0) and data segments, not the file's content.
+    pub sparse: bool,
 }
 
 /// Incremental tar framing tracker: feed it the archive's bytes in any pieces; it checks
@@ -629,7 +688,7 @@ impl Tracker {
             State::Header => Position::Header,
             State::SparseExt { .. } => Position::SparseExtension,
             State::Body { kind, .. } => match kind {
-                BodyKind::File => Position::FileBody,
+                BodyKind::File { .. } => Position::FileBody,
                 BodyKind::Data => Position::EntryBody,
                 _ => Position::ExtensionBody,
             },
@@ -641,12 +700,23 @@ impl Tracker {
     /// `Some(size)` when positioned exactly at the start of a regular-file body of `size > 0`
     /// bytes, the only place a body may be elided.
     pub fn file_body_start(&self) -> Option<u64> {
+        self.file_body()
+            .filter(|b| b.remaining == b.size)
+            .map(|b| b.size)
+    }
+
+    /// The regular-file body (size > 0) the tracker is at the start or inside of, if any.
+    pub fn file_body(&self) -> Option<FileBody> {
         match self.state {
             State::Body {
-                kind: BodyKind::File,
+                kind: BodyKind::File { sparse },
                 size,
                 remaining,
-            } if remaining == size => Some(size),
+            } => Some(FileBody {
+                size,
+                remaining,
+                sparse,
+            }),
             _ => None,
         }
     }
@@ -657,15 +727,33 @@ impl Tracker {
     /// # Errors
     /// [`TarError::NotAtFileBody`] unless [`Self::file_body_start`] is `Some`.
     pub fn skip_file_body(&mut self) -> Result<u64, TarError> {
-        let Some(size) = self.file_body_start() else {
+        let Some(body) = self.file_body().filter(|b| b.remaining == b.size) else {
             return Err(TarError::NotAtFileBody {
                 offset: self.offset,
                 position: self.position(),
             });
         };
-        self.offset += size;
-        self.end_body(BodyKind::File, size)?;
-        Ok(size)
+        // Cannot fail: `enter_body` checked that the body and its padding fit.
+        self.consume(body.size)?;
+        self.end_body(
+            BodyKind::File {
+                sparse: body.sparse,
+            },
+            body.size,
+        )?;
+        Ok(body.size)
+    }
+
+    /// Count `len` more tar bytes.
+    fn consume(&mut self, len: u64) -> Result<(), TarError> {
+        self.offset = self
+            .offset
+            .checked_add(len)
+            .ok_or(TarError::OffsetOverflow {
+                offset: self.offset,
+                len,
+            })?;
+        Ok(())
     }
 
     /// Consume all of `data`.
@@ -692,16 +780,16 @@ impl Tracker {
             let avail = &data[pos..];
             match &mut self.state {
                 State::Trailer => {
+                    self.consume(avail.len() as u64)?;
                     pos = data.len();
-                    self.offset += avail.len() as u64;
                 }
                 State::Header | State::SparseExt { .. } => {
                     let copied: [u8; BLOCK_LEN];
                     let full: &[u8; BLOCK_LEN] = if self.fill == 0 && avail.len() >= BLOCK_LEN {
                         // Common case: the whole block is in `data`; look at it in place.
                         self.header_offset = self.offset;
+                        self.consume(BLOCK_LEN as u64)?;
                         pos += BLOCK_LEN;
-                        self.offset += BLOCK_LEN as u64;
                         avail[..BLOCK_LEN]
                             .try_into()
                             .expect("slice of BLOCK_LEN bytes")
@@ -710,10 +798,10 @@ impl Tracker {
                             self.header_offset = self.offset;
                         }
                         let n = (BLOCK_LEN - self.fill).min(avail.len());
+                        self.consume(n as u64)?;
                         self.block[self.fill..self.fill + n].copy_from_slice(&avail[..n]);
                         self.fill += n;
                         pos += n;
-                        self.offset += n as u64;
                         if self.fill < BLOCK_LEN {
                             continue;
                         }
@@ -732,6 +820,8 @@ impl Tracker {
                 State::Body {
                     kind, remaining, ..
                 } => {
+                    // No overflow check: `enter_body` checked that the body and its padding
+                    // end below u64::MAX.
                     let n = (*remaining).min(avail.len() as u64) as usize;
                     let piece = &avail[..n];
                     match kind {
@@ -744,7 +834,7 @@ impl Tracker {
                             })?
                         }
                         BodyKind::LongName(tail) => tail.feed(piece),
-                        BodyKind::File | BodyKind::Data | BodyKind::LongLink => {}
+                        BodyKind::File { .. } | BodyKind::Data | BodyKind::LongLink => {}
                     }
                     *remaining -= n as u64;
                     pos += n;
@@ -759,6 +849,7 @@ impl Tracker {
                     }
                 }
                 State::Padding { remaining } => {
+                    // Within the entry `enter_body` checked: no overflow.
                     let n = (*remaining).min(avail.len() as u64);
                     *remaining -= n;
                     pos += n as usize;
@@ -840,7 +931,10 @@ impl Tracker {
                     u64::try_from(size).map_err(|_| TarError::NegativeSize { offset, size })?
                 };
                 let kind = match typeflag {
-                    b'0' | TYPE_REG_OLD | b'7' | TYPE_GNU_SPARSE => BodyKind::File,
+                    b'0' | TYPE_REG_OLD | b'7' => BodyKind::File {
+                        sparse: pending.pax_sparse,
+                    },
+                    TYPE_GNU_SPARSE => BodyKind::File { sparse: true },
                     _ => BodyKind::Data,
                 };
                 if typeflag == TYPE_GNU_SPARSE {
@@ -862,18 +956,33 @@ impl Tracker {
         if block[SPARSE_EXT_IS_EXTENDED] != 0 {
             Ok(false) // another extension block follows; stay
         } else {
-            self.enter_body(BodyKind::File, body)
+            self.enter_body(BodyKind::File { sparse: true }, body)
         }
     }
 
     /// Start a body; returns whether it is a regular-file body of size > 0.
+    ///
+    /// The body and its padding must end below tar offset `u64::MAX`, so that nothing inside
+    /// the entry needs an overflow check (a base-256 size field or a PAX `size` record can
+    /// declare up to 2^63 - 1 bytes, and two such bodies pass 2^64).
     fn enter_body(&mut self, kind: BodyKind, size: u64) -> Result<bool, TarError> {
+        let fits = self
+            .offset
+            .checked_add(size)
+            .and_then(|end| end.checked_add(padding(size)))
+            .is_some();
+        if !fits {
+            return Err(TarError::SizeOverflow {
+                offset: self.header_offset,
+                size,
+            });
+        }
         if size == 0 {
             self.state = State::Header;
             self.end_body(kind, 0)?;
             return Ok(false);
         }
-        let is_file = matches!(kind, BodyKind::File);
+        let is_file = matches!(kind, BodyKind::File { .. });
         self.state = State::Body {
             kind,
             size,
@@ -894,13 +1003,14 @@ impl Tracker {
                     // A later `x` header replaces all records of an earlier one.
                     self.pending.pax_size = parser.size;
                     self.pending.pax_path_is_dir = parser.path_is_dir;
+                    self.pending.pax_sparse = parser.sparse;
                 }
             }
             BodyKind::LongName(tail) => {
                 // An empty long name is ignored by Go, and clears an earlier one.
                 self.pending.long_name_is_dir = tail.last.map(|b| b == b'/');
             }
-            BodyKind::File | BodyKind::Data | BodyKind::LongLink => {}
+            BodyKind::File { .. } | BodyKind::Data | BodyKind::LongLink => {}
         }
         let pad = padding(size);
         self.state = if pad == 0 {
@@ -1210,6 +1320,75 @@ mod tests {
         assert_eq!(
             Tracker::new().feed(&h).unwrap_err(),
             TarError::SparseNotGnu { offset: 0 }
+        );
+    }
+
+    #[test]
+    fn sparse_bodies_are_marked() {
+        let body_of = |tar: &[u8]| {
+            let mut t = Tracker::new();
+            t.feed(tar).unwrap();
+            t.file_body()
+        };
+        let mut h = header(b"s", b'S', 1000, GNU);
+        h[GNU_SPARSE_IS_EXTENDED] = 1;
+        set_checksum(&mut h);
+        let mut tar = h.to_vec();
+        tar.extend([0u8; BLOCK_LEN]);
+        let want = FileBody {
+            size: 1000,
+            remaining: 1000,
+            sparse: true,
+        };
+        assert_eq!(body_of(&tar), Some(want));
+        // PAX sparse: any GNU.sparse.* record; a later `x` header replaces it.
+        let recs = pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0")]);
+        let mut tar = header(b"p", b'x', recs.len() as u64, USTAR).to_vec();
+        tar.extend(body(&recs));
+        let mut with_file = tar.clone();
+        with_file.extend(header(b"GNUSparseFile.0/f", b'0', 1000, USTAR));
+        assert_eq!(body_of(&with_file), Some(want));
+        let recs = pax(&[("GNU.sparsely", b"1")]);
+        tar.extend(header(b"p", b'x', recs.len() as u64, USTAR));
+        tar.extend(body(&recs));
+        tar.extend(header(b"f", b'0', 1000, USTAR));
+        let plain = FileBody {
+            sparse: false,
+            ..want
+        };
+        assert_eq!(body_of(&tar), Some(plain));
+        let mut t = Tracker::new();
+        t.feed(&tar).unwrap();
+        t.feed(&[1; 10]).unwrap();
+        assert_eq!(
+            t.file_body(),
+            Some(FileBody {
+                remaining: 990,
+                ..plain
+            })
+        );
+        assert_eq!(t.file_body_start(), None);
+    }
+
+    #[test]
+    fn sizes_past_2_pow_64_are_errors() {
+        // A PAX size record of 2^63 - 1 after 2^63 bytes of archive.
+        let recs = pax(&[("size", i64::MAX.to_string().as_bytes())]);
+        let mut tar = header(b"p", b'x', recs.len() as u64, USTAR).to_vec();
+        tar.extend(body(&recs));
+        tar.extend(header(b"f", b'0', 0, USTAR));
+        let mut t = Tracker::new();
+        t.feed(&tar).unwrap();
+        assert_eq!(t.skip_file_body().unwrap(), i64::MAX as u64);
+        t.feed(&[0]).unwrap();
+        let at = t.offset();
+        assert_eq!(at, 1 << 63 | 1536);
+        assert_eq!(
+            t.feed(&tar).unwrap_err(),
+            TarError::SizeOverflow {
+                offset: at + 1024,
+                size: i64::MAX as u64
+            }
         );
     }
 

@@ -16,7 +16,9 @@
 //! module is the boundary behind which a streaming writer could replace it.
 //!
 //! Known composefs 0.9.4 limits are reported, not fatal: no `/usr` (step 3 fails), pre-1970
-//! PAX mtimes (step 1 fails), sparse files and other entry types it has no node for.
+//! PAX mtimes (step 1 fails), sparse files and other entry types it has no node for, and
+//! header-only entries (hard links, directories…) whose size field is not 0, which `tar-core`
+//! reads a body for and Go's `archive/tar` (so the importer) does not.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -37,6 +39,9 @@ use super::{HashAlg, ObjectId, Repository};
 
 mod tree;
 mod writer;
+
+/// Offset of the typeflag byte in a tar header.
+const TYPEFLAG: usize = 156;
 
 use tree::{Item as TreeItem, Meta, Tree};
 
@@ -342,9 +347,24 @@ fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry>, BuildErr
                 }
                 ParseEvent::Entry { entry, .. } => {
                     let size = entry.size;
-                    let padded = size.next_multiple_of(BLOCK as u64);
                     let path = absolute_path(&entry.path);
                     let skip = |what: String| BuildError::Skip(format!("{path:?}: {what}"));
+                    let padded = size
+                        .checked_next_multiple_of(BLOCK as u64)
+                        .ok_or_else(|| skip(format!("a size of {size} bytes overflows")))?;
+                    // Go's archive/tar, and so the importer, reads no body for these entries
+                    // whatever their size field says; tar-core reads `size` bytes, so composefs
+                    // would take the next headers for a body.
+                    let typeflag = entry.header.as_bytes()[TYPEFLAG];
+                    let header_only = matches!(typeflag, b'1'..=b'6')
+                        || (typeflag == 0 && entry.path.ends_with(b"/"));
+                    if header_only && size > 0 {
+                        return Err(skip(format!(
+                            "composefs reads a {size}-byte body for this {:?} entry, Go's \
+                             archive/tar none",
+                            entry.entry_type
+                        )));
+                    }
                     let raw_path = entry.path.to_vec();
                     let link_target = entry.link_target.as_deref().unwrap_or_default();
                     let item = match reader.read_body(size, padded)? {

@@ -657,12 +657,26 @@ impl SplitStreamReader {
     /// one external object followed by inline padding, or all of it inline in one chunk).
     #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn read_body(&mut self, size: u64, padded: u64) -> anyhow::Result<Body> {
+        // Both come from a tar header in the stream: check them rather than trust them.
+        let pad = padded
+            .checked_sub(size)
+            .filter(|&pad| pad < 512)
+            .with_context(|| {
+                format!(
+                    "a {size}-byte body padded to {padded} bytes at stream offset {}",
+                    self.pos
+                )
+            })? as usize;
         if self.inline_left == 0 {
             match self.next_chunk()? {
                 None => bail!("stream ends where a {size}-byte body was expected"),
                 Some(Chunk::External(id)) => {
-                    self.pos += size;
-                    let pad = (padded - size) as usize;
+                    self.pos = self.pos.checked_add(size).with_context(|| {
+                        format!(
+                            "a {size}-byte body at stream offset {} ends past 2^64 - 1",
+                            self.pos
+                        )
+                    })?;
                     if pad > 0 {
                         let mut p = [0u8; 512];
                         ensure!(
