@@ -708,7 +708,8 @@ impl Sudoers {
         let path = PathBuf::from("/etc/sudoers.d/splitfdstream-rootless-test");
         std::fs::write(
             &path,
-            format!("{USER} ALL=(root) NOPASSWD: {}\n", s.bin.display()),
+            // Only the helper subcommand, as the README advises.
+            format!("{USER} ALL=(root) NOPASSWD: {} helper *\n", s.bin.display()),
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o440)).unwrap();
