@@ -114,6 +114,13 @@ enum Cmd {
         /// The spawning process: exit at once if it is already gone.
         #[arg(long)]
         parent_pid: Option<i32>,
+        /// Cancel a layer stream whose client makes no progress for this many seconds
+        /// (default 900).
+        #[arg(long, hide = true)]
+        idle_timeout: Option<String>,
+        /// For tests only: inject a fault (`producer-panic`).
+        #[arg(long, hide = true)]
+        inject_fault: Option<String>,
     },
 }
 
@@ -171,15 +178,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket_fd,
             store,
             parent_pid,
-        } => helper(socket_fd, &store, parent_pid),
+            idle_timeout,
+            inject_fault,
+        } => {
+            let options = splitfdstream::helper::server::ServeOptions::from_helper_args(
+                idle_timeout.as_deref(),
+                inject_fault.as_deref(),
+            )?;
+            helper(socket_fd, &store, parent_pid, &options)
+        }
     }
 }
 
-fn helper(socket_fd: i32, store: &str, parent_pid: Option<i32>) -> anyhow::Result<()> {
+fn helper(
+    socket_fd: i32,
+    store: &str,
+    parent_pid: Option<i32>,
+    options: &splitfdstream::helper::server::ServeOptions,
+) -> anyhow::Result<()> {
     splitfdstream::helper::tie_to_parent(parent_pid)?;
     let store = Store::parse_arg(store)?;
     let sock = crate::adopt_socket_fd(socket_fd)?;
-    splitfdstream::helper::server::serve(sock, store)
+    splitfdstream::helper::server::serve_with(sock, store, options)
 }
 
 fn inspect(source: &ImageRef, json: bool) -> anyhow::Result<()> {

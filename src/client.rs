@@ -60,6 +60,10 @@ pub struct ProxyConfig {
     pub helper_exe: Option<PathBuf>,
     /// Command prefix, e.g. `["sudo", "-n"]` or `["systemd-run", "--pipe", …]`.
     pub command_prefix: Vec<OsString>,
+    /// How long the helper lets a layer stream wait for this client without progress before
+    /// it cancels the stream (`proto/rpc.md` §4.6), at most a year; `None`: the helper's
+    /// default (`helper::server::DEFAULT_IDLE_TIMEOUT`, 15 minutes).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ProxyConfig {
@@ -69,6 +73,7 @@ impl ProxyConfig {
             store,
             helper_exe: None,
             command_prefix: Vec::new(),
+            idle_timeout: None,
         }
     }
 }
@@ -172,8 +177,12 @@ impl Proxy {
             .arg("--store")
             .arg(config.store.to_string())
             .arg("--parent-pid")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::from(theirs))
+            .arg(std::process::id().to_string());
+        if let Some(idle) = config.idle_timeout {
+            cmd.arg("--idle-timeout")
+                .arg(idle.as_secs_f64().to_string());
+        }
+        cmd.stdin(Stdio::from(theirs))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd

@@ -176,6 +176,7 @@ pub fn pull(
         store: source.store.clone(),
         helper_exe: opts.helper_exe.clone(),
         command_prefix: opts.command_prefix.clone(),
+        idle_timeout: None,
     };
     let mut proxy = Proxy::spawn(&proxy_config)?;
     let image = proxy.open_image(&source.reference)?;

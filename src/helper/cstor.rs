@@ -283,6 +283,7 @@ impl Backend for CstorBackend {
         };
         let mut entries = 0u64;
         for entry in TarSplitReader::from_gzip(tar_split) {
+            out.sink.checkpoint().with_context(|| sending(layer_id))?;
             let entry = entry.with_context(|| format!("reading {tar_split_rel}"))?;
             match entry {
                 Entry::Segment(bytes) => out.push(&bytes).with_context(|| sending(layer_id))?,
