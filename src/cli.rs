@@ -174,6 +174,13 @@ enum Cmd {
         /// Enter a user namespace of its own first and wait for the parent to map its ids.
         #[arg(long)]
         userns: bool,
+        /// Cancel a layer stream whose client makes no progress for this many seconds
+        /// (default 900).
+        #[arg(long, hide = true)]
+        idle_timeout: Option<String>,
+        /// For tests only: inject a fault (`producer-panic`).
+        #[arg(long, hide = true)]
+        inject_fault: Option<String>,
     },
 }
 
@@ -248,7 +255,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             store,
             parent_pid,
             userns,
-        } => helper(socket_fd, &store, parent_pid, userns),
+            idle_timeout,
+            inject_fault,
+        } => {
+            let options = splitfdstream::helper::server::ServeOptions::from_helper_args(
+                idle_timeout.as_deref(),
+                inject_fault.as_deref(),
+            )?;
+            helper(socket_fd, &store, parent_pid, userns, &options)
+        }
     }
 }
 
@@ -257,6 +272,7 @@ fn helper(
     store: &str,
     parent_pid: Option<i32>,
     userns: bool,
+    options: &splitfdstream::helper::server::ServeOptions,
 ) -> anyhow::Result<()> {
     let store = Store::parse_arg(store)?;
     let sock = crate::adopt_socket_fd(socket_fd)?;
@@ -267,7 +283,7 @@ fn helper(
     splitfdstream::helper::tie_to_parent(parent_pid)?;
     let client = splitfdstream::helper::client_uid(&sock);
     splitfdstream::helper::check_store_for_client(&store, client)?;
-    splitfdstream::helper::server::serve(sock, store)
+    splitfdstream::helper::server::serve_with(sock, store, options)
 }
 
 fn inspect(config: &ProxyConfig, source: &ImageRef, json: bool) -> anyhow::Result<()> {

@@ -67,6 +67,10 @@ pub struct ProxyConfig {
     pub command_prefix: Vec<OsString>,
     /// Whether the helper runs in a user namespace of its own (rootless stores).
     pub userns: UsernsMode,
+    /// How long the helper lets a layer stream wait for this client without progress before
+    /// it cancels the stream (`proto/rpc.md` §4.6), at most a year; `None`: the helper's
+    /// default (`helper::server::DEFAULT_IDLE_TIMEOUT`, 15 minutes).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ProxyConfig {
@@ -77,6 +81,7 @@ impl ProxyConfig {
             helper_exe: None,
             command_prefix: Vec::new(),
             userns: UsernsMode::Auto,
+            idle_timeout: None,
         }
     }
 }
@@ -242,9 +247,12 @@ impl Proxy {
             .arg("--store")
             .arg(userns_store.as_ref().unwrap_or(&config.store).to_string())
             .arg("--parent-pid")
-            .arg(std::process::id().to_string())
-            .stdin(Stdio::from(theirs))
-            .stderr(Stdio::piped());
+            .arg(std::process::id().to_string());
+        if let Some(idle) = config.idle_timeout {
+            cmd.arg("--idle-timeout")
+                .arg(idle.as_secs_f64().to_string());
+        }
+        cmd.stdin(Stdio::from(theirs)).stderr(Stdio::piped());
         // A rootless helper reports through its stdout that it entered its namespace.
         let entered = match maps {
             Some(_) => {

@@ -179,6 +179,7 @@ pub fn pull(
         helper_exe: opts.helper_exe.clone(),
         command_prefix: opts.command_prefix.clone(),
         userns: opts.userns,
+        idle_timeout: None,
     };
     let mut proxy = Proxy::spawn(&proxy_config)?;
     let image = proxy.open_image(&source.reference)?;

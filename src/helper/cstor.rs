@@ -292,6 +292,7 @@ impl Backend for CstorBackend {
         // and their sizes are input a hostile store chooses.
         let mut tar = Tracker::new();
         for entry in TarSplitReader::from_gzip(tar_split) {
+            out.sink.checkpoint().with_context(|| sending(layer_id))?;
             let entry = entry.with_context(|| format!("reading {tar_split_rel}"))?;
             match entry {
                 Entry::Segment(bytes) => {

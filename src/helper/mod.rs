@@ -30,6 +30,14 @@ pub trait LayerSink {
     /// # Errors
     /// The consumer went away or the pipe broke.
     fn file(&mut self, fd: OwnedFd, size: u64, crc64: Option<u64>) -> io::Result<()>;
+    /// Called by backends between tar entries, so that a layer the consumer abandoned stops
+    /// promptly even while no bytes are due (a run of entries gathered into one inline batch).
+    ///
+    /// # Errors
+    /// The consumer abandoned the layer; the backend stops and returns the error.
+    fn checkpoint(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Errors a backend reports to the server, which maps them to JSON-RPC codes.
@@ -214,9 +222,11 @@ pub fn check_store_for_client(store: &Store, client_uid: Option<u32>) -> anyhow:
 }
 
 /// Serve as a helper on the socket inherited as stdin, the way [`crate::client::Proxy::spawn`]
-/// starts helpers (`helper --socket-fd 0 --store STORE --parent-pid PID`). For programs that
-/// embed the library and are their own helper (see `examples/pull.rs`); needs no `unsafe`,
-/// because stdin is duplicated rather than adopted.
+/// starts helpers (`helper --socket-fd 0 --store STORE --parent-pid PID`, plus
+/// `--idle-timeout SECS` when [`crate::client::ProxyConfig::idle_timeout`] is set, and the
+/// test-only `--inject-fault NAME`, see [`server::ServeOptions::from_helper_args`]). For
+/// programs that embed the library and are their own helper (see `examples/pull.rs`); needs no
+/// `unsafe`, because stdin is duplicated rather than adopted.
 ///
 /// # Errors
 /// The arguments are not the ones `Proxy::spawn` passes, stdin is not a socket, or serving failed.
@@ -225,6 +235,8 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     let mut store = None;
     let mut parent = None;
     let mut userns = false;
+    let mut idle_timeout = None;
+    let mut inject_fault = None;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         if a == "--userns" {
@@ -237,12 +249,15 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
             }
             ("--store", Some(s)) => store = Some(Store::parse_arg(s)?),
             ("--parent-pid", Some(p)) => parent = Some(p.parse::<i32>()?),
+            ("--idle-timeout", Some(t)) => idle_timeout = Some(t.as_str()),
+            ("--inject-fault", Some(f)) => inject_fault = Some(f.as_str()),
             (other, _) => bail!("unexpected helper argument {other:?}"),
         }
     }
     let Some(store) = store else {
         bail!("helper needs --store")
     };
+    let options = server::ServeOptions::from_helper_args(idle_timeout, inject_fault)?;
     let sock = std::io::stdin().as_fd().try_clone_to_owned()?;
     let st = rustix::fs::fstat(&sock)?;
     ensure!(
@@ -255,5 +270,5 @@ pub fn serve_stdin_from_args(args: &[String]) -> anyhow::Result<()> {
     }
     tie_to_parent(parent)?;
     check_store_for_client(&store, client_uid(&sock))?;
-    server::serve(sock, store)
+    server::serve_with(sock, store, &options)
 }

@@ -3,19 +3,33 @@
 //! Each `GetLayer` starts a producer thread that writes the layer's splitfdstream into a pipe
 //! and queues the content fds; `GetLayerFds` hands queued fds to the client in stream order.
 //!
-//! Deadlock freedom rests on two orderings in the producer (see `proto/rpc.md`):
+//! Deadlock freedom rests on two orderings in the producer (see `proto/rpc.md` §4.4):
 //! 1. an fd is queued **before** its reference is written into the pipe, so a client that has
 //!    read reference `n` can always get fd `n` without waiting for the producer;
 //! 2. the producer **flushes** the pipe before it waits for window space, so every queued fd's
 //!    reference is readable and the client will come for those fds.
+//!
+//! A client must not be able to pin the helper or the store (`proto/rpc.md` §4.2, §4.6):
+//! - a session holds at most [`MAX_OPEN_IMAGES`] images and [`MAX_OPEN_STREAMS`] streams;
+//! - every wait of a producer for its client (a full pipe, a full fd window) can be cancelled:
+//!   the pipe's write end is non-blocking and a blocked write `poll`s the pipe together with the
+//!   stream's cancel eventfd, and window waits are condvar waits with a deadline. `CloseLayer`,
+//!   `Shutdown`, the client hanging up and the idle timeout all cancel through that one path,
+//!   after which the producer drops the pipe, its open files and the store's read lock;
+//! - a producer that panics still ends its stream (`failed`), so no `GetLayerFds` waits forever.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::io;
+use std::fmt;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Condvar, Mutex};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
+use rustix::event::{EventfdFlags, PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -32,6 +46,49 @@ pub const CAPABILITIES: &[&str] = &[
     "crc64",
     "inline-threshold",
 ];
+
+/// Most images a session may hold open at once (`OpenImage` past it fails with
+/// [`code::LIMIT_EXCEEDED`]). Each holds its manifest, config and layer list, which the store
+/// bounds only by [`super::cstor::MAX_BIG_DATA_LEN`] each. `pull` holds one image per helper
+/// and tools that compare images a few, so 8 never stands in a real client's way while it
+/// caps what one session can make the helper keep.
+pub const MAX_OPEN_IMAGES: usize = 8;
+
+/// Most layer streams a session may hold at once, counted from `GetLayer` until `CloseLayer`
+/// (an ended stream still holds its handle, its `end` and any fds not handed out), plus
+/// closed streams whose producer has not stopped yet. Past it `GetLayer` fails with
+/// [`code::LIMIT_EXCEEDED`]. Each stream costs a thread, a pipe buffer of up to 1 MiB
+/// and up to one fd window of open files; `pull` uses one stream per helper at a time, so 8
+/// leaves room for clients that overlap a few layers while keeping one session's cost under
+/// 8 threads, 8 MiB of pipes and 8 windows of fds.
+pub const MAX_OPEN_STREAMS: usize = 8;
+
+/// How long a producer may wait for its client without any progress (no byte taken from the
+/// pipe, no `GetLayerFds`) before the stream is cancelled with `failed`, unless the helper was
+/// started with another time (`helper --idle-timeout`, [`ServeOptions::idle_timeout`]). Until
+/// then an abandoned stream keeps the store's read lock, which stalls podman's pulls, commits
+/// and removals. A live client leaves the pipe alone only while it handles one body it already
+/// holds, so this must exceed the time to read the largest body on a slow disk: 15 minutes is
+/// a 50 GiB body at 64 MiB/s.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// Longest idle timeout honoured (a year, which for a stream means never); longer ones are
+/// cut to it, so that deadline arithmetic on `Instant` cannot overflow.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How long `CloseLayer`, `Shutdown` and the end of a session wait for cancelled producers to
+/// stop before they answer anyway. A cancelled producer stops within microseconds unless a
+/// system call outside the protocol holds it (waiting for a store writer's lock, a hung
+/// filesystem); it then stops by itself later, and still counts against [`MAX_OPEN_STREAMS`].
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// How often a `GetLayerFds` waiting for its producer checks whether the client hung up, so a
+/// vanished client ends the session even while its producers are busy.
+const HANGUP_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often, per idle time, a producer waiting for window space looks whether the client read
+/// its pipe: the idle timeout then errs by at most this fraction of the idle time.
+const PIPE_SAMPLES_PER_IDLE: u32 = 16;
 
 /// fds kept open ahead of the client per stream when RLIMIT_NOFILE does not force fewer. Large
 /// enough that the client rarely waits for the producer; small enough that many concurrent
@@ -58,63 +115,353 @@ pub fn fd_window() -> usize {
         .clamp(1, MAX_WINDOW)
 }
 
-#[derive(Debug, Default)]
-struct StreamState {
-    queue: VecDeque<(OwnedFd, Option<u64>)>,
-    end: Option<StreamEnd>,
-    /// The client abandoned the stream: the producer stops at its next step.
-    closed: bool,
+/// A fault the helper injects on purpose (`helper --inject-fault NAME`). **For tests only**:
+/// it lets them check that the protocol survives helper bugs. Never use it in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fault {
+    /// `producer-panic`: every layer producer panics at its first write, while it holds the
+    /// store's lock and its pipe.
+    ProducerPanic,
 }
 
-#[derive(Debug, Default)]
+impl std::str::FromStr for Fault {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "producer-panic" => Ok(Fault::ProducerPanic),
+            other => bail!("unknown fault {other:?} (known: producer-panic)"),
+        }
+    }
+}
+
+/// How a helper serves its session; [`Default`] is what production uses.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// See [`DEFAULT_IDLE_TIMEOUT`]; tests shorten it. At most [`MAX_IDLE_TIMEOUT`] is used.
+    pub idle_timeout: Duration,
+    /// A fault to inject, for tests only (see [`Fault`]).
+    pub fault: Option<Fault>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            fault: None,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// Options from the `helper` command line: `--idle-timeout SECS` (decimal seconds, > 0,
+    /// at most [`MAX_IDLE_TIMEOUT`]) and `--inject-fault NAME`, each optional.
+    ///
+    /// # Errors
+    /// A value that is not a number of seconds in that range, or an unknown fault.
+    pub fn from_helper_args(
+        idle_timeout: Option<&str>,
+        inject_fault: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let mut options = Self::default();
+        if let Some(secs) = idle_timeout {
+            options.idle_timeout = secs
+                .parse::<f64>()
+                .ok()
+                .filter(|s| *s > 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .filter(|t| *t <= MAX_IDLE_TIMEOUT)
+                .with_context(|| {
+                    format!(
+                        "--idle-timeout {secs:?} is not a number of seconds above 0 and at most \
+                         {}",
+                        MAX_IDLE_TIMEOUT.as_secs()
+                    )
+                })?;
+        }
+        options.fault = inject_fault.map(str::parse).transpose()?;
+        Ok(options)
+    }
+}
+
+/// Why a stream was stopped before its producer finished.
+#[derive(Debug, Clone, Copy)]
+enum Cancel {
+    /// `CloseLayer` before `end`.
+    Closed,
+    /// The producer waited this long for the client without progress.
+    Idle(Duration),
+    /// `Shutdown`, or the client hung up.
+    SessionEnded,
+}
+
+impl fmt::Display for Cancel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cancel::Closed => write!(f, "abandoned by the client (CloseLayer)"),
+            Cancel::Idle(t) => write!(
+                f,
+                "cancelled after {t:?} idle: the client read neither the stream's pipe nor its \
+                 descriptors for that long (idle timeout)"
+            ),
+            Cancel::SessionEnded => write!(f, "cancelled: the session ended"),
+        }
+    }
+}
+
+/// The error a cancelled producer's sink returns; the end status names the [`Cancel`] instead.
+fn cancelled_error() -> io::Error {
+    // Not `ErrorKind::Interrupted`: `write_all` retries that kind.
+    io::Error::other("layer stream cancelled")
+}
+
+#[derive(Debug)]
+struct StreamState {
+    queue: VecDeque<(OwnedFd, Option<u64>)>,
+    /// Set by the producer thread as the last thing it does, after it dropped its pipe, files
+    /// and store lock: `Some` means the producer has stopped.
+    end: Option<StreamEnd>,
+    /// Set once; no fd is queued after it.
+    cancel: Option<Cancel>,
+    /// When the client last received fds: counts as progress for the idle timeout.
+    last_fds_call: Instant,
+}
+
+#[derive(Debug)]
 struct Shared {
     state: Mutex<StreamState>,
     changed: Condvar,
+    /// Mirrors `state.cancel.is_some()`, for checks between entries without the lock.
+    cancelled: AtomicBool,
+    /// An eventfd, readable once the stream is cancelled: wakes a producer in `poll` on its pipe.
+    cancel_fd: OwnedFd,
 }
 
 impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, StreamState> {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            state: Mutex::new(StreamState {
+                queue: VecDeque::new(),
+                end: None,
+                cancel: None,
+                last_fds_call: Instant::now(),
+            }),
+            changed: Condvar::new(),
+            cancelled: AtomicBool::new(false),
+            cancel_fd: rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
         // A poisoned lock means a producer panicked; the state is still consistent for our use
         // (a queue and flags), so keep serving and let `end` report the failure.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stop the stream: the producer's next step (or current wait) fails, and every queued fd
+    /// is closed here. Idempotent; the first reason stays.
+    fn cancel(&self, why: Cancel) {
+        let queued = {
+            let mut st = self.lock();
+            st.cancel.get_or_insert(why);
+            std::mem::take(&mut st.queue)
+        };
+        self.cancelled.store(true, Ordering::Release);
+        // eventfd takes an 8-byte counter increment in host byte order (eventfd(2)). It cannot
+        // fail short of overflowing the counter, which one write per cancel never reaches.
+        let _ = rustix::io::write(&self.cancel_fd, &1u64.to_ne_bytes());
+        self.changed.notify_all();
+        drop(queued);
+    }
+
+    fn check_cancelled(&self) -> io::Result<()> {
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(cancelled_error());
+        }
+        Ok(())
+    }
+
+    /// When a producer blocked since `since` gives up on its client: `idle` after the later of
+    /// that and the client's last `GetLayerFds`.
+    fn idle_deadline(st: &StreamState, since: Instant, idle: Duration) -> Instant {
+        since.max(st.last_fds_call) + idle
+    }
+
+    /// Cancel for idleness if `deadline` has passed; the producer then stops.
+    fn expire(&self, deadline: Instant, idle: Duration) -> io::Result<()> {
+        if Instant::now() >= deadline {
+            self.cancel(Cancel::Idle(idle));
+            return Err(cancelled_error());
+        }
+        Ok(())
+    }
+
+    /// Wait until the producer has stopped (`end` set), at most `timeout`; true if it has.
+    fn wait_stopped(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.end.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
+    fn stopped(&self) -> bool {
+        self.lock().end.is_some()
+    }
+}
+
+/// The write end of a layer pipe, non-blocking, written by the producer: a write that finds
+/// the pipe full waits in `poll` for pipe space or cancellation, and gives up (cancelling the
+/// stream) after the idle timeout without progress.
+struct PipeWriter<'a> {
+    pipe: BorrowedFd<'a>,
+    shared: &'a Shared,
+    idle: Duration,
+}
+
+impl PipeWriter<'_> {
+    /// Wait until the pipe is writable (or broken), the stream is cancelled, or the client has
+    /// made no progress for the idle time since `since`.
+    fn wait_writable(&self, since: Instant) -> io::Result<()> {
+        loop {
+            self.shared.check_cancelled()?;
+            let deadline = Shared::idle_deadline(&self.shared.lock(), since, self.idle);
+            self.shared.expire(deadline, self.idle)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Saturates at an absurd idle time rather than failing.
+            let timeout = Timespec::try_from(left).unwrap_or(Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            });
+            let mut fds = [
+                PollFd::from_borrowed_fd(self.pipe, PollFlags::OUT),
+                PollFd::new(&self.shared.cancel_fd, PollFlags::IN),
+            ];
+            match rustix::event::poll(&mut fds, Some(&timeout)) {
+                Ok(_) | Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+            // POLLERR (the client closed the read end) counts as writable: the write reports it.
+            if !fds[0].revents().is_empty() {
+                return self.shared.check_cancelled();
+            }
+        }
+    }
+}
+
+impl Write for PipeWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A producer unwinding from a panic flushes its buffer on the way out; it must not wait
+        // for a client that may not be reading, or the panic's `end` would wait with it.
+        if std::thread::panicking() {
+            return Err(cancelled_error());
+        }
+        let since = Instant::now();
+        loop {
+            self.shared.check_cancelled()?;
+            match rustix::io::write(self.pipe, buf) {
+                Ok(n) => return Ok(n),
+                Err(Errno::AGAIN) => self.wait_writable(since)?,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
 /// Writes one layer into the pipe and the fd queue.
 struct PipeSink<'a> {
-    writer: stream::Writer<File>,
+    writer: stream::Writer<PipeWriter<'a>>,
+    /// The pipe `writer` writes, to see the client read it while the producer waits for the
+    /// window.
+    pipe: BorrowedFd<'a>,
     shared: &'a Shared,
     window: usize,
+    idle: Duration,
+    fault: Option<Fault>,
     fds: u64,
     bytes: u64,
 }
 
+impl PipeSink<'_> {
+    fn inject_fault(&self) {
+        if self.fault == Some(Fault::ProducerPanic) {
+            panic!("injected fault producer-panic (helper --inject-fault, for tests only)");
+        }
+    }
+
+    /// Wait for room in the fd window. The caller has flushed (ordering 2), so the client can
+    /// read every queued fd's reference and will come for them.
+    fn wait_for_window<'s>(
+        &'s self,
+        mut st: MutexGuard<'s, StreamState>,
+    ) -> io::Result<MutexGuard<'s, StreamState>> {
+        // The client reads the references (and the entries between them) of fds it already
+        // holds before it asks for more, which can take a while per body: bytes leaving the
+        // pipe are progress too. The producer is not writing now, so the pipe only drains.
+        let unread = || rustix::io::ioctl_fionread(self.pipe).ok();
+        let mut since = Instant::now();
+        let mut last_unread = unread();
+        while st.queue.len() >= self.window && st.cancel.is_none() {
+            let deadline = Shared::idle_deadline(&st, since, self.idle);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                drop(st);
+                self.shared.cancel(Cancel::Idle(self.idle));
+                return Err(cancelled_error());
+            }
+            st = self
+                .shared
+                .changed
+                .wait_timeout(st, left.min(self.idle / PIPE_SAMPLES_PER_IDLE))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            let now_unread = unread();
+            if now_unread != last_unread {
+                last_unread = now_unread;
+                since = Instant::now();
+            }
+        }
+        Ok(st)
+    }
+}
+
 impl LayerSink for PipeSink<'_> {
     fn inline(&mut self, data: &[u8]) -> io::Result<()> {
+        self.inject_fault();
+        self.shared.check_cancelled()?;
         self.bytes += data.len() as u64;
         self.writer.write_inline(data)
     }
 
     fn file(&mut self, fd: OwnedFd, size: u64, crc64: Option<u64>) -> io::Result<()> {
+        self.inject_fault();
+        self.shared.check_cancelled()?;
         let mut st = self.shared.lock();
-        if st.queue.len() >= self.window && !st.closed {
+        if st.queue.len() >= self.window {
             drop(st);
             // Ordering 2: everything referenced so far must be readable before we wait.
             self.writer.flush()?;
-            st = self.shared.lock();
-            while st.queue.len() >= self.window && !st.closed {
-                st = self
-                    .shared
-                    .changed
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
+            st = self.wait_for_window(self.shared.lock())?;
         }
-        if st.closed {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "layer stream closed by the client",
-            ));
+        if st.cancel.is_some() {
+            // `fd` closes here; the queue was emptied by the cancel.
+            return Err(cancelled_error());
         }
         // Ordering 1: queue the fd, then write its reference.
         st.queue.push_back((fd, crc64));
@@ -125,6 +472,105 @@ impl LayerSink for PipeSink<'_> {
         self.bytes += size;
         Ok(())
     }
+
+    fn checkpoint(&mut self) -> io::Result<()> {
+        self.shared.check_cancelled()
+    }
+}
+
+/// Everything a producer thread needs.
+struct Producer {
+    backend: Arc<dyn Backend>,
+    image: Arc<OpenedImage>,
+    index: usize,
+    threshold: u64,
+    pipe: OwnedFd,
+    shared: Arc<Shared>,
+    window: usize,
+    idle: Duration,
+    fault: Option<Fault>,
+}
+
+impl Producer {
+    /// Produce the layer and publish its end status; never unwinds.
+    fn run(self) {
+        let Producer {
+            backend,
+            image,
+            index,
+            threshold,
+            pipe,
+            shared,
+            window,
+            idle,
+            fault,
+        } = self;
+        // Everything the producer holds (the pipe's write end, open files, the store's read
+        // lock) lives inside this closure, so it is released, by return or by unwinding,
+        // before the end is published: a client that sees `end` also sees EOF, and a panic
+        // cannot leave `GetLayerFds` waiting for an end that never comes.
+        let produced = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            // Moved in, so the write end closes when the closure returns or unwinds.
+            let pipe = pipe;
+            let mut sink = PipeSink {
+                writer: stream::Writer::new(PipeWriter {
+                    pipe: pipe.as_fd(),
+                    shared: &shared,
+                    idle,
+                }),
+                pipe: pipe.as_fd(),
+                shared: &shared,
+                window,
+                idle,
+                fault,
+                fds: 0,
+                bytes: 0,
+            };
+            let entries = backend
+                .stream_layer(&image, index, threshold, &mut sink)
+                .and_then(|entries| {
+                    sink.writer
+                        .flush()
+                        .map(|()| entries)
+                        .context("writing layer stream")
+                });
+            entries.map(|entries| (entries, sink.fds, sink.bytes))
+        }));
+        let layer = &image.layers[index];
+        let failed = |why: String| StreamEnd::Failed {
+            message: format!("layer {} ({}): {why}", layer.diff_id, layer.id),
+        };
+        let mut st = shared.lock();
+        let end = match (st.cancel, produced) {
+            (Some(why), _) => failed(why.to_string()),
+            (None, Ok(Ok((entries, fds, bytes)))) => StreamEnd::Complete {
+                entries,
+                fds,
+                bytes,
+            },
+            (None, Ok(Err(e))) => failed(format!("{e:#}")),
+            (None, Err(panic)) => failed(format!(
+                "the helper's producer panicked: {}",
+                panic_message(panic.as_ref())
+            )),
+        };
+        if matches!(end, StreamEnd::Failed { .. }) {
+            // fds queued before a failure are useless to the client, which must not commit the
+            // layer; close them now rather than when the handle is closed.
+            st.queue.clear();
+        }
+        st.end = Some(end);
+        drop(st);
+        shared.changed.notify_all();
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 struct Session {
@@ -133,15 +579,36 @@ struct Session {
     initialized: bool,
     images: HashMap<u64, Arc<OpenedImage>>,
     streams: HashMap<u64, Arc<Shared>>,
+    /// Streams closed before their producer stopped (it was stuck beyond [`STOP_GRACE`]):
+    /// they still hold a thread, so they count against [`MAX_OPEN_STREAMS`] until it stops.
+    stopping: Vec<Arc<Shared>>,
     next_handle: u64,
     window: usize,
+    options: ServeOptions,
 }
 
-/// Serve the protocol on `sock` for `store` until the client shuts down or hangs up.
+impl Drop for Session {
+    fn drop(&mut self) {
+        // The client hung up or the connection broke: abandon every stream, so no producer
+        // keeps the store locked for a client that is gone.
+        self.stop_all();
+    }
+}
+
+/// Serve the protocol on `sock` for `store` until the client shuts down or hangs up, with the
+/// default [`ServeOptions`].
 ///
 /// # Errors
 /// Fatal transport errors (the connection is unusable); request errors are replies.
 pub fn serve(sock: OwnedFd, store: Store) -> anyhow::Result<()> {
+    serve_with(sock, store, &ServeOptions::default())
+}
+
+/// [`serve`] with explicit options.
+///
+/// # Errors
+/// As [`serve`].
+pub fn serve_with(sock: OwnedFd, store: Store, options: &ServeOptions) -> anyhow::Result<()> {
     let mut transport = Transport::new(sock);
     let mut session = Session {
         store,
@@ -149,8 +616,13 @@ pub fn serve(sock: OwnedFd, store: Store) -> anyhow::Result<()> {
         initialized: false,
         images: HashMap::new(),
         streams: HashMap::new(),
+        stopping: Vec::new(),
         next_handle: 1,
         window: fd_window(),
+        options: ServeOptions {
+            idle_timeout: options.idle_timeout.min(MAX_IDLE_TIMEOUT),
+            ..options.clone()
+        },
     };
     loop {
         let (msg, fds) = match transport.recv() {
@@ -172,12 +644,14 @@ pub fn serve(sock: OwnedFd, store: Store) -> anyhow::Result<()> {
             .filter(|id| id.is_u64() || id.is_i64() || id.is_string())
             .cloned()
             .unwrap_or(Value::Null);
-        let outcome = session.handle(&msg, fds);
+        let outcome = session.handle(&msg, fds, transport.as_fd());
         let shutdown = matches!(outcome, Outcome::Shutdown);
         let (reply, reply_fds) = match outcome {
             Outcome::Reply(result, fds) => (rpc::result_message(&id, &result), fds),
             Outcome::Shutdown => (rpc::result_message(&id, &serde_json::json!({})), Vec::new()),
             Outcome::Error(err) => (rpc::error_message(&id, &err), Vec::new()),
+            // Nobody to answer; dropping the session abandons every stream.
+            Outcome::HungUp => return Ok(()),
         };
         let borrowed: Vec<BorrowedFd<'_>> = reply_fds.iter().map(|f| f.as_fd()).collect();
         transport.send(&reply, &borrowed).context("sending reply")?;
@@ -192,6 +666,8 @@ enum Outcome {
     Reply(Value, Vec<OwnedFd>),
     Error(RpcError),
     Shutdown,
+    /// The client closed the connection while a request waited.
+    HungUp,
 }
 
 fn reply(result: &impl Serialize, fds: Vec<OwnedFd>) -> Outcome {
@@ -201,8 +677,23 @@ fn reply(result: &impl Serialize, fds: Vec<OwnedFd>) -> Outcome {
     )
 }
 
+fn empty_reply() -> Outcome {
+    reply(&rpc::EmptyResult {}, Vec::new())
+}
+
+/// Has the peer of `sock` closed its end? (`POLLHUP` is reported without being asked for.)
+fn hung_up(sock: BorrowedFd<'_>) -> bool {
+    let mut fds = [PollFd::from_borrowed_fd(sock, PollFlags::empty())];
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    matches!(rustix::event::poll(&mut fds, Some(&now)), Ok(n) if n > 0)
+        && fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR)
+}
+
 impl Session {
-    fn handle(&mut self, msg: &Value, fds: Vec<OwnedFd>) -> Outcome {
+    fn handle(&mut self, msg: &Value, fds: Vec<OwnedFd>, sock: BorrowedFd<'_>) -> Outcome {
         let req = match rpc::parse_request(msg) {
             Ok(r) => r,
             Err(e) => return Outcome::Error(e),
@@ -225,24 +716,14 @@ impl Session {
             Request::Initialize(p) => self.initialize(p),
             Request::OpenImage(p) => self.open_image(&p.reference),
             Request::GetLayer(p) => self.get_layer(p),
-            Request::GetLayerFds(p) => self.get_layer_fds(p),
-            Request::CloseLayer(p) => match self.streams.remove(&p.stream) {
-                Some(shared) => {
-                    shared.lock().closed = true;
-                    shared.changed.notify_all();
-                    reply(&serde_json::json!({}), Vec::new())
-                }
-                None => bad_handle("stream", p.stream),
-            },
+            Request::GetLayerFds(p) => self.get_layer_fds(p, sock),
+            Request::CloseLayer(p) => self.close_layer(p.stream),
             Request::CloseImage(p) => match self.images.remove(&p.image) {
-                Some(_) => reply(&serde_json::json!({}), Vec::new()),
+                Some(_) => empty_reply(),
                 None => bad_handle("image", p.image),
             },
             Request::Shutdown(_) => {
-                for shared in self.streams.values() {
-                    shared.lock().closed = true;
-                    shared.changed.notify_all();
-                }
+                self.stop_all();
                 Outcome::Shutdown
             }
         }
@@ -293,6 +774,17 @@ impl Session {
     }
 
     fn open_image(&mut self, reference: &str) -> Outcome {
+        // Before any store access: a refused request costs the helper nothing.
+        if self.images.len() >= MAX_OPEN_IMAGES {
+            return Outcome::Error(RpcError::new(
+                code::LIMIT_EXCEEDED,
+                format!(
+                    "cannot open image {reference:?}: {} images are open, the most a session \
+                     may hold (CloseImage releases one)",
+                    self.images.len()
+                ),
+            ));
+        }
         let backend = match self.backend() {
             Ok(b) => b,
             Err(e) => return Outcome::Error(e),
@@ -331,6 +823,13 @@ impl Session {
         h
     }
 
+    /// Streams that count against [`MAX_OPEN_STREAMS`]: open handles, and closed ones whose
+    /// producer is still running.
+    fn live_streams(&mut self) -> usize {
+        self.stopping.retain(|s| !s.stopped());
+        self.streams.len() + self.stopping.len()
+    }
+
     fn get_layer(&mut self, p: rpc::GetLayerParams) -> Outcome {
         let Some(image) = self.images.get(&p.image).cloned() else {
             return bad_handle("image", p.image);
@@ -362,6 +861,23 @@ impl Session {
                 ),
             ));
         }
+        let live = self.live_streams();
+        if live >= MAX_OPEN_STREAMS {
+            let stopping = self.stopping.len();
+            return Outcome::Error(RpcError::new(
+                code::LIMIT_EXCEEDED,
+                format!(
+                    "cannot stream layer {}: {live} layer streams are open{}, the most a session \
+                     may hold (CloseLayer releases one)",
+                    image.layers[index].diff_id,
+                    if stopping > 0 {
+                        format!(" ({stopping} of them closed but still stopping)")
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
         let backend = match self.backend() {
             Ok(b) => b,
             Err(e) => return Outcome::Error(e),
@@ -376,67 +892,45 @@ impl Session {
         index: usize,
         threshold: u64,
     ) -> Outcome {
+        let internal = |what: &str, e: &dyn fmt::Display| {
+            Outcome::Error(RpcError::new(code::INTERNAL_ERROR, format!("{what}: {e}")))
+        };
         let (read_end, write_end) = match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
         {
             Ok(p) => p,
-            Err(e) => {
-                return Outcome::Error(RpcError::new(
-                    code::INTERNAL_ERROR,
-                    format!("creating layer pipe: {e}"),
-                ));
-            }
+            Err(e) => return internal("creating layer pipe", &e),
         };
+        // Only the helper's end is non-blocking (the client's is another open file
+        // description), so a producer blocked on a full pipe can also watch for cancellation.
+        if let Err(e) = rustix::fs::fcntl_setfl(&write_end, rustix::fs::OFlags::NONBLOCK) {
+            return internal("making the layer pipe non-blocking", &e);
+        }
         // Larger pipes are an optimisation; the default size works.
         let _ = rustix::pipe::fcntl_setpipe_size(&write_end, PIPE_SIZE);
-        let shared = Arc::new(Shared::default());
-        let handle = self.handle_id();
-        self.streams.insert(handle, shared.clone());
+        let shared = match Shared::new() {
+            Ok(s) => Arc::new(s),
+            Err(e) => return internal("creating the stream's cancel eventfd", &e),
+        };
         let layer = image.layers[index].clone();
-        let window = self.window;
+        let producer = Producer {
+            backend,
+            image,
+            index,
+            threshold,
+            pipe: write_end,
+            shared: shared.clone(),
+            window: self.window,
+            idle: self.options.idle_timeout,
+            fault: self.options.fault,
+        };
         let spawned = std::thread::Builder::new()
             .name(format!("layer-{index}"))
-            .spawn(move || {
-                let mut sink = PipeSink {
-                    writer: stream::Writer::new(File::from(write_end)),
-                    shared: &shared,
-                    window,
-                    fds: 0,
-                    bytes: 0,
-                };
-                let result = backend
-                    .stream_layer(&image, index, threshold, &mut sink)
-                    .and_then(|entries| {
-                        sink.writer
-                            .flush()
-                            .map(|()| entries)
-                            .context("writing layer stream")
-                    });
-                let (fds, bytes) = (sink.fds, sink.bytes);
-                // Close the pipe before publishing the end, so a client that sees `end` also sees EOF.
-                drop(sink);
-                let end = match result {
-                    Ok(entries) => StreamEnd::Complete {
-                        entries,
-                        fds,
-                        bytes,
-                    },
-                    Err(e) => StreamEnd::Failed {
-                        message: format!(
-                            "layer {} ({}): {e:#}",
-                            image.layers[index].diff_id, image.layers[index].id
-                        ),
-                    },
-                };
-                shared.lock().end = Some(end);
-                shared.changed.notify_all();
-            });
+            .spawn(move || producer.run());
         if let Err(e) = spawned {
-            self.streams.remove(&handle);
-            return Outcome::Error(RpcError::new(
-                code::INTERNAL_ERROR,
-                format!("starting layer producer: {e}"),
-            ));
+            return internal("starting layer producer", &e);
         }
+        let handle = self.handle_id();
+        self.streams.insert(handle, shared);
         reply(
             &rpc::GetLayerResult {
                 stream: handle,
@@ -446,7 +940,7 @@ impl Session {
         )
     }
 
-    fn get_layer_fds(&mut self, p: rpc::GetLayerFdsParams) -> Outcome {
+    fn get_layer_fds(&mut self, p: rpc::GetLayerFdsParams, sock: BorrowedFd<'_>) -> Outcome {
         let Some(shared) = self.streams.get(&p.stream).cloned() else {
             return bad_handle("stream", p.stream);
         };
@@ -457,11 +951,23 @@ impl Session {
             ));
         }
         let mut st = shared.lock();
+        // Every producer wait ends (progress, cancel, idle timeout, or a panic caught into
+        // `end`), so this loop ends too; the slices only let a hung-up client end the session
+        // sooner.
         while st.queue.is_empty() && st.end.is_none() {
-            st = shared.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = shared
+                .changed
+                .wait_timeout(st, HANGUP_CHECK_INTERVAL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if st.queue.is_empty() && st.end.is_none() && hung_up(sock) {
+                return Outcome::HungUp;
+            }
         }
+        st.last_fds_call = Instant::now();
         let n = st.queue.len().min(p.max as usize);
         let batch: Vec<(OwnedFd, Option<u64>)> = st.queue.drain(..n).collect();
+        // Once delivered, `end` is repeated to every later call until CloseLayer (§3.4).
         let end = if st.queue.is_empty() {
             st.end.clone()
         } else {
@@ -469,9 +975,6 @@ impl Session {
         };
         drop(st);
         shared.changed.notify_all();
-        if end.is_some() {
-            self.streams.remove(&p.stream);
-        }
         let crc64 = batch
             .iter()
             .map(|(_, c)| c.map(|c| format!("{c:016x}")))
@@ -486,6 +989,36 @@ impl Session {
             fds,
         )
     }
+
+    /// Release a stream; before its end, abandon it (§3.5) and wait briefly for the producer to
+    /// stop, so that when the reply arrives the pipe is at EOF and the store lock is released.
+    fn close_layer(&mut self, stream: u64) -> Outcome {
+        let Some(shared) = self.streams.remove(&stream) else {
+            return bad_handle("stream", stream);
+        };
+        shared.cancel(Cancel::Closed);
+        if !shared.wait_stopped(STOP_GRACE) {
+            self.stopping.push(shared);
+        }
+        empty_reply()
+    }
+
+    /// Abandon every stream and wait (at most [`STOP_GRACE`] in all) for their producers.
+    fn stop_all(&mut self) {
+        let all: Vec<Arc<Shared>> = self
+            .streams
+            .drain()
+            .map(|(_, s)| s)
+            .chain(self.stopping.drain(..))
+            .collect();
+        for shared in &all {
+            shared.cancel(Cancel::SessionEnded);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        for shared in &all {
+            shared.wait_stopped(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
 }
 
 fn bad_handle(kind: &str, handle: u64) -> Outcome {
@@ -493,4 +1026,119 @@ fn bad_handle(kind: &str, handle: u64) -> Outcome {
         code::BAD_HANDLE,
         format!("unknown {kind} handle {handle}"),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn helper_args_parse_into_options() {
+        let o = ServeOptions::from_helper_args(None, None).unwrap();
+        assert_eq!(o.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(o.fault, None);
+        let o = ServeOptions::from_helper_args(Some("1"), Some("producer-panic")).unwrap();
+        assert_eq!(o.idle_timeout, Duration::from_secs(1));
+        assert_eq!(o.fault, Some(Fault::ProducerPanic));
+        let o = ServeOptions::from_helper_args(Some("0.25"), None).unwrap();
+        assert_eq!(o.idle_timeout, Duration::from_millis(250));
+        for bad in ["0", "-1", "", "1s", "NaN", "inf", "1e300", "31536001"] {
+            let err = ServeOptions::from_helper_args(Some(bad), None).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "--idle-timeout {bad:?} is not a number of seconds above 0 and at most \
+                     31536000"
+                )
+            );
+        }
+        let err = ServeOptions::from_helper_args(None, Some("crash")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown fault \"crash\" (known: producer-panic)"
+        );
+    }
+
+    #[test]
+    fn the_window_is_large_enough_for_a_full_reply() {
+        // `proto/rpc.md` §4.2: at least one full GetLayerFds reply, unless RLIMIT_NOFILE is
+        // below what that needs (the test process runs with a normal limit).
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        if soft >= 2 * u64::from(rpc::MAX_FDS_PER_REPLY) + RESERVED_FDS {
+            assert!(fd_window() >= rpc::MAX_FDS_PER_REPLY as usize);
+        }
+    }
+
+    #[test]
+    fn cancelling_closes_the_queue_and_wakes_pollers() {
+        let shared = Shared::new().unwrap();
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        shared.lock().queue.push_back((w, None));
+        shared.cancel(Cancel::Closed);
+        shared.cancel(Cancel::SessionEnded);
+        assert!(shared.check_cancelled().is_err());
+        assert!(
+            matches!(shared.lock().cancel, Some(Cancel::Closed)),
+            "first reason kept"
+        );
+        // The queued write end is closed: the read end sees EOF.
+        assert_eq!(rustix::io::read(&r, &mut [0u8; 1]).unwrap(), 0);
+        // The eventfd is readable.
+        let mut fds = [PollFd::new(&shared.cancel_fd, PollFlags::IN)];
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        assert_eq!(rustix::event::poll(&mut fds, Some(&zero)).unwrap(), 1);
+    }
+
+    /// A non-blocking pipe of the smallest size (one page), and a writer on it.
+    fn small_pipe() -> (OwnedFd, OwnedFd) {
+        let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).unwrap();
+        rustix::fs::fcntl_setfl(&w, rustix::fs::OFlags::NONBLOCK).unwrap();
+        let _ = rustix::pipe::fcntl_setpipe_size(&w, 4096);
+        (r, w)
+    }
+
+    #[test]
+    fn a_writer_on_an_unread_pipe_gives_up_after_the_idle_time() {
+        let shared = Shared::new().unwrap();
+        let (_r, w) = small_pipe();
+        let idle = Duration::from_millis(200);
+        let mut writer = PipeWriter {
+            pipe: w.as_fd(),
+            shared: &shared,
+            idle,
+        };
+        let started = Instant::now();
+        let err = writer.write_all(&vec![0u8; 1 << 20]).unwrap_err();
+        let took = started.elapsed();
+        assert_eq!(err.to_string(), "layer stream cancelled");
+        assert!(took >= idle && took < idle * 5, "gave up after {took:?}");
+        assert!(matches!(shared.lock().cancel, Some(Cancel::Idle(t)) if t == idle));
+    }
+
+    #[test]
+    fn a_blocked_writer_stops_when_cancelled() {
+        let shared = Shared::new().unwrap();
+        let (_r, w) = small_pipe();
+        std::thread::scope(|s| {
+            let writer = s.spawn(|| {
+                let mut writer = PipeWriter {
+                    pipe: w.as_fd(),
+                    shared: &shared,
+                    idle: Duration::from_secs(3600),
+                };
+                writer.write_all(&vec![0u8; 1 << 20])
+            });
+            std::thread::sleep(Duration::from_millis(100));
+            let cancelled = Instant::now();
+            shared.cancel(Cancel::Closed);
+            let result = writer.join().unwrap();
+            assert!(result.is_err());
+            assert!(cancelled.elapsed() < Duration::from_millis(500));
+        });
+    }
 }

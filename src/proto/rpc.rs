@@ -38,6 +38,9 @@ pub mod code {
     pub const BAD_HANDLE: i64 = -32012;
     /// The store could not be read (corrupt metadata, I/O error).
     pub const STORE_ERROR: i64 = -32013;
+    /// The session already holds as many images or layer streams as the helper allows; the
+    /// client must close one first.
+    pub const LIMIT_EXCEEDED: i64 = -32014;
 
     /// Every code above with its constant's name, for tables and tests.
     pub const ALL: &[(&str, i64)] = &[
@@ -53,6 +56,7 @@ pub mod code {
         ("LAYER_NOT_FOUND", LAYER_NOT_FOUND),
         ("BAD_HANDLE", BAD_HANDLE),
         ("STORE_ERROR", STORE_ERROR),
+        ("LIMIT_EXCEEDED", LIMIT_EXCEEDED),
     ];
 }
 
