@@ -320,20 +320,24 @@ pub fn pull(
             }
         }
     }
-    if let Some(e) = first_error {
-        // Verified layers are still worth keeping: make them durable, then visible.
+    // Verified layers are worth keeping even when the image fails: durable first, then visible.
+    let publish_verified = |streams: &[Option<ObjectId>]| -> anyhow::Result<()> {
         repo.sync()?;
         for (index, layer) in image.layers.iter().enumerate() {
             if let (LayerStatus::Imported, Some(id)) = (&outcomes[index].status, &streams[index]) {
                 publish_layer(&repo, &layer.diff_id, id)?;
             }
         }
+        Ok(())
+    };
+    if let Some(e) = first_error {
+        publish_verified(&streams)?;
         return Err(e.context(format!("pulling {source}; nothing was tagged")));
     }
     let layer_streams: Vec<(String, ObjectId)> = image
         .layers
         .iter()
-        .zip(streams)
+        .zip(streams.iter().cloned())
         .map(|(l, s)| {
             s.map(|s| (l.diff_id.clone(), s))
                 .ok_or_else(|| anyhow!("layer {} missing", l.diff_id))
@@ -341,22 +345,25 @@ pub fn pull(
         .collect::<anyhow::Result<_>>()?;
     // Config, manifest and EROFS image become objects; nothing is linked yet.
     let layers_done = start.elapsed();
-    let prepared = prepare_image(
+    let prepared = match prepare_image(
         &repo,
         image.manifest.as_bytes(),
         &image.manifest_digest,
         image.config.as_bytes(),
         &image.config_digest,
         &layer_streams,
-    )
-    .with_context(|| format!("preparing image {}", image.image_id))?;
-    // Durability point 1: every object is on disk before any link names it.
-    repo.sync()?;
-    for (index, (diff_id, id)) in layer_streams.iter().enumerate() {
-        if outcomes[index].status == LayerStatus::Imported {
-            publish_layer(&repo, diff_id, id)?;
+    ) {
+        Ok(p) => p,
+        Err(e) => {
+            publish_verified(&streams)?;
+            return Err(e.context(format!(
+                "pulling {source}; nothing was tagged: preparing image {}",
+                image.image_id
+            )));
         }
-    }
+    };
+    // Durability point 1: every object is on disk before any link names it.
+    publish_verified(&streams)?;
     let published = prepared
         .publish(&repo, Some(&tag))
         .with_context(|| format!("publishing image {}", image.image_id))?;

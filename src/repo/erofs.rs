@@ -1,24 +1,26 @@
 //! The composefs EROFS image of an OCI image's root filesystem, as composefs-rs 0.9.4 builds
-//! it for `cfsctl oci pull` (and recomputes for `cfsctl oci compute-id`).
+//! it for `cfsctl oci pull` (and recomputes for `cfsctl oci compute-id`), for every image
+//! podman can mount.
 //!
-//! Steps, each mirroring composefs-rs so the image id is the same:
-//! 1. Read each layer splitstream back as tar entries with `tar-core` (the parser composefs
-//!    itself uses, so accepted inputs and parsed metadata agree: PAX/GNU names, ids, mtime
-//!    with PAX nanoseconds, `SCHILY.xattr.*`).
-//! 2. Apply the layers in order to composefs's in-memory tree: `.wh.<name>` deletes,
-//!    `.wh..wh..opq` clears the directory, a directory over a directory only updates its
-//!    metadata, anything else replaces; hardlinks share the leaf.
+//! Steps, each mirroring composefs-rs so the image id is the same for every image it accepts:
+//! 1. Read each layer splitstream back as tar entries ([`entries`]): metadata as Go's
+//!    `archive/tar` gives it to containers/storage, which equals what composefs's `tar-core`
+//!    gives wherever `tar-core` accepts the entry (PAX/GNU names, ids, mtime with PAX
+//!    nanoseconds, `SCHILY.xattr.*`), and also takes times before 1970.
+//! 2. Apply the layers in order to a compact copy of composefs's tree ([`tree`]): `.wh.<name>`
+//!    deletes, `.wh..wh..opq` clears the directory, a directory over a directory only updates
+//!    its metadata, anything else replaces; hardlinks share the leaf; missing parent
+//!    directories are made as containers/storage makes them.
 //! 3. composefs's OCI transform: `/usr`'s metadata onto `/`, `/run` emptied, xattrs other
-//!    than `security.capability` dropped.
-//! 4. composefs's EROFS writer, once per format the repository asks for.
+//!    than `security.capability` dropped; without `/usr`, `/` keeps its own metadata
+//!    ([`tree::Tree::transform_for_oci`] says which).
+//! 4. Our EROFS V1 writer ([`writer`]), byte for byte composefs's; repositories that ask for
+//!    format V2 go through composefs-rs's own tree and writer (which keep its limits).
 //!
-//! The tree is held in memory (one node per file, plus inline bodies of ≤ 64 bytes); this
-//! module is the boundary behind which a streaming writer could replace it.
-//!
-//! Known composefs 0.9.4 limits are reported, not fatal: no `/usr` (step 3 fails), pre-1970
-//! PAX mtimes (step 1 fails), sparse files and other entry types it has no node for, and
-//! header-only entries (hard links, directories…) whose size field is not 0, which `tar-core`
-//! reads a body for and Go's `archive/tar` (so the importer) does not.
+//! The tree is held in memory (one node per file, plus inline bodies of ≤ 64 bytes). What
+//! still cannot be represented (a file name longer than an EROFS block, more than 4 GiB of
+//! inline data, an entry type containers/storage refuses too) is an error: the caller must
+//! not publish the image.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -29,19 +31,16 @@ use composefs::erofs::writer::{ValidatedFileSystem, mkfs_erofs_versioned};
 use composefs::fsverity::{FsVerityHashValue, Sha256HashValue, Sha512HashValue};
 use composefs::generic_tree::OciTransformOptions;
 use composefs::tree::{Directory, FileSystem, Inode, LeafContent, RegularFile, Stat};
-use tar_core::EntryType;
-use tar_core::parse::{ParseEvent, Parser};
 
 use super::oci::LAYER_CONTENT_TYPE;
-use super::splitstream::{Body, SplitStreamReader};
-use super::tar::{BLOCK, INLINE_CONTENT_MAX};
+use super::splitstream::SplitStreamReader;
 use super::{HashAlg, ObjectId, Repository};
 
+mod entries;
 mod tree;
 mod writer;
 
-/// Offset of the typeflag byte in a tar header.
-const TYPEFLAG: usize = 156;
+use entries::{RawItem, next_raw};
 
 use tree::{Item as TreeItem, Meta, Tree};
 
@@ -61,7 +60,8 @@ pub(crate) enum Image {
 }
 
 /// An error while building: `Fatal` for our own I/O or a corrupt repository, `Skip` for
-/// content composefs 0.9.4 cannot represent.
+/// content that cannot be represented (the image gets no composefs image).
+#[derive(Debug)]
 enum BuildError {
     Fatal(anyhow::Error),
     Skip(Skip),
@@ -74,7 +74,7 @@ impl From<anyhow::Error> for BuildError {
 }
 
 /// Build the EROFS image bytes for `layers` (layer splitstreams, base first) in each of
-/// `versions` (1 or 2). `Ok(Err(reason))` when composefs cannot represent the image.
+/// `versions` (1 or 2). `Ok(Err(reason))` when the image cannot be represented.
 pub(crate) fn build_images(
     repo: &Repository,
     layers: &[ObjectId],
@@ -86,8 +86,9 @@ pub(crate) fn build_images(
                 .iter()
                 .map(|&v| (v, Image::Stored(id.clone())))
                 .collect()),
-            // composefs decides these (and words the reason when it fails too).
-            Ok(Err(_unsupported)) => build_composefs(repo, layers, versions),
+            // The compact tree takes every image podman can mount; what it cannot represent
+            // (a name longer than a block, …) composefs cannot either.
+            Ok(Err(tree::Unsupported(reason))) => Err(BuildError::Skip(reason)),
             Err(e) => Err(e),
         }
     } else {
@@ -231,52 +232,6 @@ fn absolute_path(tar_path: &[u8]) -> PathBuf {
     PathBuf::from(OsString::from_vec(v))
 }
 
-/// Nanoseconds of a PAX `mtime` ("<sec>.<frac>"): the first 9 fraction digits, scaled when
-/// fewer; 0 when absent or unparsable.
-fn pax_mtime_nsec(pax: &[u8]) -> u32 {
-    for ext in tar_core::PaxExtensions::new(pax).flatten() {
-        if ext.key_bytes() != b"mtime" {
-            continue;
-        }
-        let Ok(value) = ext.value() else { return 0 };
-        let Some((_, frac)) = value.split_once('.') else {
-            return 0;
-        };
-        if frac.len() >= 9 {
-            return frac.get(..9).and_then(|f| f.parse().ok()).unwrap_or(0);
-        }
-        return frac
-            .parse::<u32>()
-            .map_or(0, |v| v * 10u32.pow(9 - frac.len() as u32));
-    }
-    0
-}
-
-/// What a tar entry carries, parsed once for both tree builders.
-enum RawItem {
-    Directory,
-    Inline(Vec<u8>),
-    External(ObjectId, u64),
-    /// Tar link target, as given.
-    Hardlink(Vec<u8>),
-    Symlink(Vec<u8>),
-    Chr(u64),
-    Blk(u64),
-    Fifo,
-}
-
-struct RawEntry {
-    /// Tar path, as given.
-    path: Vec<u8>,
-    mode: u32,
-    uid: u32,
-    gid: u32,
-    mtime: i64,
-    nsec: u32,
-    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-    item: RawItem,
-}
-
 /// The next entry of a layer stream for composefs's tree, or `None` at its end.
 fn next_entry<H: FsVerityHashValue>(
     reader: &mut SplitStreamReader,
@@ -318,115 +273,6 @@ fn next_entry<H: FsVerityHashValue>(
         stat,
         item,
     }))
-}
-
-/// The next entry of a layer stream, or `None` at its end.
-fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry>, BuildError> {
-    let mut parser = Parser::with_defaults();
-    let mut header = Vec::new();
-    let mut block = [0u8; BLOCK];
-    loop {
-        if !reader.read_inline_exact(&mut block)? {
-            return Ok(None);
-        }
-        header.extend_from_slice(&block);
-        loop {
-            let event = parser
-                .parse(&header)
-                .map_err(|e| BuildError::Skip(format!("tar: {e}")))?;
-            match event {
-                ParseEvent::NeedData { .. } => break,
-                ParseEvent::GlobalExtensions { consumed, .. } => {
-                    header.drain(..consumed);
-                }
-                ParseEvent::End { .. } => return Ok(None),
-                ParseEvent::SparseEntry { .. } => {
-                    return Err(BuildError::Skip(
-                        "sparse tar entries are not supported".into(),
-                    ));
-                }
-                ParseEvent::Entry { entry, .. } => {
-                    let size = entry.size;
-                    let path = absolute_path(&entry.path);
-                    let skip = |what: String| BuildError::Skip(format!("{path:?}: {what}"));
-                    let padded = size
-                        .checked_next_multiple_of(BLOCK as u64)
-                        .ok_or_else(|| skip(format!("a size of {size} bytes overflows")))?;
-                    // Go's archive/tar, and so the importer, reads no body for these entries
-                    // whatever their size field says; tar-core reads `size` bytes, so composefs
-                    // would take the next headers for a body.
-                    let typeflag = entry.header.as_bytes()[TYPEFLAG];
-                    let header_only = matches!(typeflag, b'1'..=b'6')
-                        || (typeflag == 0 && entry.path.ends_with(b"/"));
-                    if header_only && size > 0 {
-                        return Err(skip(format!(
-                            "composefs reads a {size}-byte body for this {:?} entry, Go's \
-                             archive/tar none",
-                            entry.entry_type
-                        )));
-                    }
-                    let raw_path = entry.path.to_vec();
-                    let link_target = entry.link_target.as_deref().unwrap_or_default();
-                    let item = match reader.read_body(size, padded)? {
-                        Body::External(id) => match entry.entry_type {
-                            EntryType::Regular | EntryType::Continuous => {
-                                if size <= INLINE_CONTENT_MAX {
-                                    return Err(skip(format!(
-                                        "a {size}-byte file stored externally"
-                                    )));
-                                }
-                                RawItem::External(id, size)
-                            }
-                            t => return Err(skip(format!("{t:?} entry with an external body"))),
-                        },
-                        Body::Inline(content) => match entry.entry_type {
-                            EntryType::Directory => RawItem::Directory,
-                            EntryType::Regular | EntryType::Continuous => {
-                                if content.len() as u64 > INLINE_CONTENT_MAX {
-                                    return Err(skip(format!(
-                                        "a {}-byte file stored inline",
-                                        content.len()
-                                    )));
-                                }
-                                RawItem::Inline(content)
-                            }
-                            EntryType::Link => RawItem::Hardlink(link_target.to_vec()),
-                            EntryType::Symlink => RawItem::Symlink(link_target.to_vec()),
-                            EntryType::Block | EntryType::Char => {
-                                let (Some(major), Some(minor)) = (entry.dev_major, entry.dev_minor)
-                                else {
-                                    return Err(skip("device entry without device numbers".into()));
-                                };
-                                let dev = rustix::fs::makedev(major, minor);
-                                if entry.entry_type == EntryType::Block {
-                                    RawItem::Blk(dev)
-                                } else {
-                                    RawItem::Chr(dev)
-                                }
-                            }
-                            EntryType::Fifo => RawItem::Fifo,
-                            t => return Err(skip(format!("unsupported entry type {t:?}"))),
-                        },
-                    };
-                    let xattrs = entry
-                        .xattrs
-                        .iter()
-                        .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                        .collect();
-                    return Ok(Some(RawEntry {
-                        path: raw_path,
-                        mode: entry.mode,
-                        uid: entry.uid as u32,
-                        gid: entry.gid as u32,
-                        mtime: entry.mtime as i64,
-                        nsec: entry.pax.map_or(0, pax_mtime_nsec),
-                        xattrs,
-                        item,
-                    }));
-                }
-            }
-        }
-    }
 }
 
 /// Apply one entry to the tree, with overlayfs whiteout semantics.
@@ -787,20 +633,5 @@ mod tests {
         ] {
             assert_eq!(absolute_path(input), PathBuf::from(want), "{input:?}");
         }
-    }
-
-    #[test]
-    fn pax_nanoseconds() {
-        assert_eq!(
-            pax_mtime_nsec(b"30 mtime=1234567890.123456789\n"),
-            123_456_789
-        );
-        assert_eq!(pax_mtime_nsec(b"22 mtime=1234567890.5\n"), 500_000_000);
-        assert_eq!(
-            pax_mtime_nsec(b"31 mtime=1234567890.1234567899\n"),
-            123_456_789
-        );
-        assert_eq!(pax_mtime_nsec(b"20 mtime=1234567890\n"), 0);
-        assert_eq!(pax_mtime_nsec(b""), 0);
     }
 }

@@ -737,12 +737,12 @@ fn parse_image_json(manifest: &[u8], config: &[u8]) -> anyhow::Result<ImageJson>
 /// is linked. `layers` are the layer streams by diff_id, in the config's `rootfs.diff_ids`
 /// order.
 ///
-/// An EROFS image that cannot be built (composefs 0.9.4 needs `/usr` in the image and
-/// rejects pre-1970 PAX mtimes, among others) is not an error: the image is stored without
-/// it and [`PreparedImage::erofs_skipped`] says why.
+/// An image whose config is not an OCI image config is an artifact for composefs: it gets no
+/// EROFS image, and [`PreparedImage::erofs_skipped`] says so.
 ///
 /// # Errors
-/// Digest mismatches, `layers` disagreeing with the config, or I/O errors.
+/// Digest mismatches, `layers` disagreeing with the config, an image whose tree cannot be
+/// represented as an EROFS image, or I/O errors.
 pub fn prepare_image(
     repo: &Repository,
     manifest: &[u8],
@@ -860,7 +860,11 @@ fn build_erofs(repo: &Repository, layers: &[(String, ObjectId)]) -> anyhow::Resu
             }
             Ok((out, None))
         }
-        Err(reason) => Ok((Vec::new(), Some(reason))),
+        // An image that cannot be mounted must not be published as one (the caller tags
+        // nothing): cfsctl's `oci mount` of it would fail.
+        Err(reason) => {
+            anyhow::bail!("the image cannot be represented as a composefs image: {reason}")
+        }
     }
 }
 

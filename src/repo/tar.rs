@@ -24,14 +24,11 @@
 
 use anyhow::{bail, ensure};
 
-use crate::proto::tar::{BLOCK_LEN, Tracker};
+use crate::proto::tar::Tracker;
 
 /// composefs-rs `INLINE_CONTENT_MAX_V0`: regular files up to this size stay inline in
 /// splitstreams and EROFS images. Changing it changes every object id downstream.
 pub(crate) const INLINE_CONTENT_MAX: u64 = 64;
-
-/// Tar block size.
-pub(crate) const BLOCK: usize = BLOCK_LEN;
 
 /// What the next bytes of the tar stream are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +137,7 @@ impl TarTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::tar::BLOCK_LEN as BLOCK;
 
     fn header(name: &str, typeflag: u8, size: u64) -> [u8; BLOCK] {
         let mut h = [0u8; BLOCK];

@@ -30,7 +30,7 @@ pub struct Fixtures {
     /// The store's run root.
     #[serde(skip)]
     pub runroot: PathBuf,
-    /// Images in the store: basic, odd, old, big, many.
+    /// Images in the store: basic, odd, old, big, many, times, scratch.
     pub images: Vec<FixtureImage>,
     /// Tags of the OCI layouts.
     pub layouts: Vec<FixtureLayout>,

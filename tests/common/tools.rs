@@ -75,6 +75,8 @@ pub struct Node {
     pub data: String,
     /// Inode group: paths sharing an inode get the same first path here (hardlinks).
     pub link_group: String,
+    /// Modification time, whole seconds (`stat -c %Y`), negative before 1970.
+    pub mtime: i64,
 }
 
 /// Snapshot of a mounted tree (root metadata excluded: composefs's OCI transform rewrites it).
@@ -136,6 +138,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
                     gid: md.gid(),
                     data,
                     link_group,
+                    mtime: md.mtime(),
                 },
             );
         }

@@ -15,12 +15,15 @@ pub(super) const NONE: u32 = u32::MAX;
 /// Top bit of an entry target: set for leaves, clear for directories.
 const LEAF_BIT: u32 = 1 << 31;
 
+/// Mode of a directory the tar does not describe (containers/storage's `MkdirAll(…, 0755)`).
+const IMPLICIT_DIR_MODE: u32 = 0o755;
+
 /// The only xattr composefs 0.9.4's default OCI transform keeps (`CONTAINER_XATTR_ALLOWLIST`).
 const KEPT_XATTR: &[u8] = b"security.capability";
 
 /// The tree cannot be built the way composefs would: let composefs decide (and word the error).
 #[derive(Debug)]
-pub(crate) struct Unsupported(#[cfg_attr(not(test), allow(dead_code))] pub(crate) String);
+pub(crate) struct Unsupported(pub(crate) String);
 
 /// Metadata of one inode (composefs's `Stat`, with xattrs as a set index).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +119,8 @@ pub(crate) struct Tree {
     /// Distinct xattr sets (name, value) sorted by name; set 0 is empty.
     pub(super) xattr_sets: Vec<XattrSet>,
     xattr_index: HashMap<XattrSet, u32>,
+    /// A layer had an entry for the root itself.
+    root_set: bool,
 }
 
 impl Tree {
@@ -143,6 +148,7 @@ impl Tree {
             digest_len,
             xattr_sets: vec![empty],
             xattr_index,
+            root_set: false,
         }
     }
 
@@ -221,6 +227,53 @@ impl Tree {
         Ok(dir)
     }
 
+    /// [`walk`](Self::walk), creating missing directories as containers/storage does when it
+    /// applies a layer whose tar lacks an entry's parents (`MkdirAll`, mode 0755, owned by
+    /// root; podman's get the time of the pull, ours the time of the entry that needed them,
+    /// `mtime`/`nsec`, so that images stay reproducible). composefs-rs refuses such layers,
+    /// so this changes no image it builds.
+    fn walk_creating(
+        &mut self,
+        components: &[&[u8]],
+        mtime: i64,
+        nsec: u32,
+    ) -> Result<u32, Unsupported> {
+        let mut dir = 0u32;
+        for c in components {
+            dir = match self.lookup(dir, c) {
+                Ok(i) => match self.dirs[dir as usize].entries[i].target() {
+                    Target::Dir(d) => d,
+                    Target::Leaf(_) => {
+                        return Err(Unsupported(format!(
+                            "{:?} is not a directory",
+                            String::from_utf8_lossy(c)
+                        )));
+                    }
+                },
+                Err(_) => {
+                    if self.dirs.len() >= (LEAF_BIT - 1) as usize {
+                        return Err(Unsupported("too many inodes".into()));
+                    }
+                    let d = self.dirs.len() as u32;
+                    self.dirs.push(Dir {
+                        meta: Meta {
+                            mode: IMPLICIT_DIR_MODE,
+                            uid: 0,
+                            gid: 0,
+                            mtime,
+                            nsec,
+                            xattrs: 0,
+                        },
+                        entries: Vec::new(),
+                    });
+                    self.insert(dir, c, d);
+                    d
+                }
+            };
+        }
+        Ok(dir)
+    }
+
     fn insert(&mut self, dir: u32, name: &[u8], target: u32) {
         match self.lookup(dir, name) {
             Ok(i) => self.dirs[dir as usize].entries[i].target = target,
@@ -261,6 +314,7 @@ impl Tree {
                 return Err(Unsupported("the root entry is not a directory".into()));
             }
             self.dirs[0].meta = meta;
+            self.root_set = true;
             return Ok(());
         };
         if self.leaves.len() >= (LEAF_BIT - 1) as usize
@@ -322,7 +376,7 @@ impl Tree {
                 Some(l | LEAF_BIT)
             }
         };
-        let dir = self.walk(parent)?;
+        let dir = self.walk_creating(parent, meta.mtime, meta.nsec)?;
         match name.strip_prefix(b".wh.") {
             Some(b".wh..opq") => self.dirs[dir as usize].entries.clear(),
             Some(victim) => {
@@ -354,26 +408,40 @@ impl Tree {
     /// composefs's OCI transform: `/usr`'s metadata onto `/`, `/run` emptied with `/usr`'s
     /// mtime. (The xattr filter already happened in [`Tree::intern_xattrs`]; orphaned
     /// leaves are never reached by the writer.)
+    ///
+    /// composefs-rs fails without a `/usr` directory (a `FROM scratch` image of one static
+    /// binary, say). Here `/` then keeps the metadata the layers gave it (their root entries,
+    /// the last one winning), or, when none did, that of a directory containers/storage
+    /// creates: mode 0755, owned by root, mtime 0; and a `/run` directory is emptied with
+    /// that mtime. A `/run` that is not a directory stays as it is (composefs fails there too).
     pub(crate) fn transform_for_oci(&mut self) -> Result<(), Unsupported> {
         let usr = match self.lookup(0, b"usr") {
             Ok(i) => match self.dirs[0].entries[i].target() {
-                Target::Dir(d) => d,
-                Target::Leaf(_) => return Err(Unsupported("/usr is not a directory".into())),
+                Target::Dir(d) => Some(d),
+                Target::Leaf(_) => None,
             },
-            Err(_) => return Err(Unsupported("the image has no /usr".into())),
+            Err(_) => None,
         };
-        let usr_meta = self.dirs[usr as usize].meta;
-        self.dirs[0].meta = usr_meta;
-        if let Ok(i) = self.lookup(0, b"run") {
-            match self.dirs[0].entries[i].target() {
-                Target::Dir(d) => {
-                    let run = &mut self.dirs[d as usize];
-                    run.meta.mtime = usr_meta.mtime;
-                    run.meta.nsec = usr_meta.nsec;
-                    run.entries = Vec::new();
-                }
-                Target::Leaf(_) => return Err(Unsupported("/run is not a directory".into())),
-            }
+        let root_meta = match usr {
+            Some(d) => self.dirs[d as usize].meta,
+            None if self.root_set => self.dirs[0].meta,
+            None => Meta {
+                mode: IMPLICIT_DIR_MODE,
+                uid: 0,
+                gid: 0,
+                mtime: 0,
+                nsec: 0,
+                xattrs: 0,
+            },
+        };
+        self.dirs[0].meta = root_meta;
+        if let Ok(i) = self.lookup(0, b"run")
+            && let Target::Dir(d) = self.dirs[0].entries[i].target()
+        {
+            let run = &mut self.dirs[d as usize];
+            run.meta.mtime = root_meta.mtime;
+            run.meta.nsec = root_meta.nsec;
+            run.entries = Vec::new();
         }
         Ok(())
     }
