@@ -14,17 +14,15 @@
 //! [`oci::PreparedImage::publish`] (or [`oci::publish_image`]), which also builds the composefs
 //! EROFS image (feature `erofs`) so that `cfsctl oci mount` works.
 //!
-//! # EROFS images and their limits
+//! # EROFS images
 //!
-//! The EROFS image is built with composefs-rs's own tree and writer (feature `erofs`), from
-//! the layer splitstreams, so its id equals `cfsctl oci compute-id`. composefs 0.9.4 cannot
-//! build it for some images: without `/usr` (its OCI transform copies `/usr`'s metadata to
-//! `/`), with pre-1970 PAX mtimes, sparse files or entry types it has no node for. Such an
-//! image is still imported and published, without the `composefs.image.v1` ref;
-//! [`PublishedImage::erofs_skipped`] says why (cfsctl itself fails the whole pull). The tree
-//! is held in memory: about 90 MiB for 100,000 files (composefs clones it once more for V1
-//! images); a streaming writer can later replace the `erofs` module's internals without touching
-//! the callers.
+//! The EROFS image is built from the layer splitstreams by a compact copy of composefs-rs's
+//! tree and V1 writer (feature `erofs`), so its id equals `cfsctl oci compute-id` for every
+//! image composefs 0.9.4 accepts. It is built for every image podman can mount, including
+//! what composefs refuses: times before 1970, images without `/usr` (then `/` keeps the
+//! metadata the layers give it), layers without their parent directories. An image that
+//! still cannot be represented is an error of [`oci::prepare_image`], and `pull` tags
+//! nothing. The tree is held in memory: about 150 bytes per file.
 //!
 //! # Durability
 //!
