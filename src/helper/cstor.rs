@@ -31,6 +31,7 @@ use crate::proto::source::Store;
 use crate::proto::tar::{Position, Tracker};
 
 pub mod config;
+mod manifest;
 mod store;
 
 use store::{
@@ -120,21 +121,31 @@ impl CstorBackend {
         )
     }
 
-    /// Resolve the reference and read the image's manifest and config, under the images lock.
-    fn read_image(&self, reference: &str) -> Result<(ImageRecord, Vec<u8>, Vec<u8>), BackendError> {
+    /// Resolve the reference and read the image's config and the manifest it is served with
+    /// (see [`manifest::select`]), under the images lock.
+    fn read_image(
+        &self,
+        reference: &str,
+    ) -> Result<(ImageRecord, manifest::StoredManifest, Vec<u8>), BackendError> {
         let _guard = self.images_lock.read()?;
         let images: Vec<ImageRecord> =
             read_records(&self.root, self.graphroot(), "overlay-images/images.json")?;
         let image = resolve_reference(&images, reference, &self.describe())?.clone();
         validate_id("image", &image.id)?;
         let dir = format!("overlay-images/{}", image.id);
-        let big_data = |key: &str| -> anyhow::Result<Vec<u8>> {
+        let big_data = |key: &str| -> anyhow::Result<Option<Vec<u8>>> {
             let rel = format!("{dir}/{}", big_data_file_name(key));
-            read_file(&self.root, self.graphroot(), &rel, MAX_BIG_DATA_LEN)?
-                .with_context(|| format!("image {} has no {key} (no {rel})", image.id))
+            read_file(&self.root, self.graphroot(), &rel, MAX_BIG_DATA_LEN)
         };
-        let manifest = big_data("manifest")?;
-        let config = big_data(&format!("sha256:{}", image.id))?;
+        let config_key = format!("sha256:{}", image.id);
+        let config = big_data(&config_key)?.with_context(|| {
+            format!(
+                "image {} has no config (no big-data item {config_key})",
+                image.id
+            )
+        })?;
+        let wanted = manifest::requested_digest(reference, &image.id);
+        let manifest = manifest::select(&image, wanted, &big_data)?;
         Ok((image, manifest, config))
     }
 
@@ -168,7 +179,7 @@ impl Backend for CstorBackend {
     }
 
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError> {
-        let (image, manifest, config) = self.read_image(reference)?;
+        let (image, stored_manifest, config) = self.read_image(reference)?;
         let id = &image.id;
         let config_digest = sha256_digest(&config);
         if config_digest != format!("sha256:{id}") {
@@ -176,7 +187,7 @@ impl Backend for CstorBackend {
                 anyhow::anyhow!("the config of image {id} has digest {config_digest}").into(),
             );
         }
-        let manifest = String::from_utf8(manifest)
+        let manifest = String::from_utf8(stored_manifest.bytes)
             .map_err(|_| anyhow::anyhow!("the manifest of image {id} is not UTF-8"))?;
         let config = String::from_utf8(config)
             .map_err(|_| anyhow::anyhow!("the config of image {id} is not UTF-8"))?;
@@ -196,8 +207,8 @@ impl Backend for CstorBackend {
         }
         let mut infos = Vec::with_capacity(chain.len());
         let mut locators = Vec::with_capacity(chain.len());
-        for (i, (layer, diff_id)) in chain.iter().zip(diff_ids).enumerate() {
-            if !is_digest(&diff_id) {
+        for (i, (layer, diff_id)) in chain.iter().zip(&diff_ids).enumerate() {
+            if !is_digest(diff_id) {
                 return Err(
                     anyhow::anyhow!("image {id}: diff_id {diff_id:?} is not sha256").into(),
                 );
@@ -213,7 +224,7 @@ impl Backend for CstorBackend {
             }
             infos.push(LayerInfo {
                 id: layer.id.clone(),
-                diff_id,
+                diff_id: diff_id.clone(),
                 size: layer.diff_size.and_then(|s| u64::try_from(s).ok()),
                 entries: None,
             });
@@ -222,9 +233,10 @@ impl Backend for CstorBackend {
                 parents: chain[..i].iter().rev().map(|l| l.id.clone()).collect(),
             });
         }
+        manifest::check_layers(id, &stored_manifest.parsed, &chain, &diff_ids, &layers)?;
         Ok(OpenedImage {
             image_id: id.clone(),
-            manifest_digest: sha256_digest(manifest.as_bytes()),
+            manifest_digest: stored_manifest.digest,
             manifest,
             config_digest,
             config,
@@ -258,12 +270,24 @@ impl Backend for CstorBackend {
         // deleted while its files are being opened (fds already handed out stay valid anyway).
         let _guard = self.layers_lock.read()?;
         let tar_split_rel = format!("overlay-layers/{layer_id}.tar-split.gz");
-        let tar_split = open_beneath(&self.root, &tar_split_rel).with_context(|| {
-            format!(
-                "opening {}",
-                self.graphroot().join(&tar_split_rel).display()
-            )
-        })?;
+        let tar_split = match open_beneath(&self.root, &tar_split_rel) {
+            Ok(f) => f,
+            // containers/storage then rebuilds a tar from the diff dir, which is not the
+            // layer's original tar and does not hash to its diff_id.
+            Err(Errno::NOENT) => bail!(
+                "layer {layer_id} has no tar-split ({tar_split_rel} is missing, as after \
+                 some partial zstd:chunked or eStargz pulls), so its original tar cannot be \
+                 rebuilt; pull the image again with partial pulls disabled"
+            ),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "opening {}",
+                        self.graphroot().join(&tar_split_rel).display()
+                    )
+                });
+            }
+        };
         // containers-storage bind-mounts `overlay` onto itself while anything is mounted, so
         // this one step must cross a mount; everything beneath it must not.
         let overlay = rustix::fs::openat2(
@@ -354,6 +378,14 @@ impl Backend for CstorBackend {
             tar.offset(),
             tar.position()
         );
+        if let Some(size) = image.layers.get(index).and_then(|l| l.size) {
+            ensure!(
+                tar.offset() == size,
+                "layer {layer_id}: {tar_split_rel} rebuilds a tar of {} bytes, layers.json \
+                 records {size} (diff-size)",
+                tar.offset()
+            );
+        }
         out.flush().with_context(|| sending(layer_id))?;
         Ok(entries)
     }

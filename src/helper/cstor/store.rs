@@ -59,9 +59,27 @@ pub(crate) struct ImageRecord {
     pub digest: Option<String>,
     #[serde(default)]
     pub digests: Vec<String>,
+    /// Digests of the big-data items, by key. containers/storage keeps no list of an image's
+    /// manifest digests in the file (its `Digests` is `json:"-"`): it derives them from
+    /// `digest` and the digests of the items whose key starts with `manifest`.
+    #[serde(default, rename = "big-data-digests")]
+    pub big_data_digests: HashMap<String, String>,
     /// The top layer.
     #[serde(default)]
     pub layer: Option<String>,
+}
+
+impl ImageRecord {
+    /// Is `digest` one of the image's manifest digests, as containers/storage computes them
+    /// (`recomputeDigests`: `digest`, then every big-data item named `manifest…`)?
+    pub fn has_manifest_digest(&self, digest: &str) -> bool {
+        self.digest.as_deref() == Some(digest)
+            || self.digests.iter().any(|d| d == digest)
+            || self
+                .big_data_digests
+                .iter()
+                .any(|(key, d)| key.starts_with("manifest") && d == digest)
+    }
 }
 
 /// One entry of `overlay-layers/layers.json` (the fields used here).
@@ -74,6 +92,11 @@ pub(crate) struct LayerRecord {
     pub diff_digest: Option<String>,
     #[serde(default, rename = "diff-size")]
     pub diff_size: Option<i64>,
+    /// Digest of the blob the layer was made from, as it was presented (compressed or not).
+    #[serde(default, rename = "compressed-diff-digest")]
+    pub compressed_digest: Option<String>,
+    #[serde(default, rename = "compressed-size")]
+    pub compressed_size: Option<i64>,
     #[serde(default)]
     pub flags: HashMap<String, serde_json::Value>,
 }
@@ -338,9 +361,7 @@ pub(crate) fn resolve_reference<'a>(
         let (repo, _tag) = split_tag(name);
         let found: Vec<&ImageRecord> = images
             .iter()
-            .filter(|i| {
-                i.digest.as_deref() == Some(digest) || i.digests.iter().any(|d| d == digest)
-            })
+            .filter(|i| i.has_manifest_digest(digest))
             .filter(|i| repo.is_empty() || names_match_repo(i, repo))
             .collect();
         return match found.as_slice() {
@@ -408,6 +429,7 @@ mod tests {
             names: names.iter().map(|s| s.to_string()).collect(),
             digest: Some(digest.to_owned()),
             digests: vec![],
+            big_data_digests: HashMap::new(),
             layer: None,
         }
     }
@@ -461,6 +483,19 @@ mod tests {
             .to_string();
         assert!(err.contains("ambiguous"), "{err}");
         assert!(resolve_reference(&images, &format!("app@{d2}"), "s").is_ok());
+        // A second manifest of an image (the same image pulled with other compression) is known
+        // only by its big-data item's digest.
+        let d3 = format!("sha256:{}", "3".repeat(64));
+        images[2]
+            .big_data_digests
+            .insert(format!("manifest-{d3}"), d3.clone());
+        images[2]
+            .big_data_digests
+            .insert(format!("sha256:{}", "c".repeat(64)), d1.clone());
+        let found = resolve_reference(&images, &format!("quay.io/org/tool@{d3}"), "s");
+        assert_eq!(found.unwrap().id, "c".repeat(64));
+        // Only manifests count: a config (or any other item) with that digest does not.
+        assert!(resolve_reference(&images, &format!("quay.io/org/tool@{d1}"), "s").is_err());
     }
 
     #[test]
