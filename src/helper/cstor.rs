@@ -12,7 +12,7 @@
 //!
 //! Sparse entries are the exception: tar-split records the expanded file, not the body the tar
 //! holds, so the helper rebuilds that body (the PAX 1.0 map, then the data segments read from
-//! the expanded file) and sends it inline; see [`sparse`].
+//! the expanded file) and sends it inline (`proto/splitfdstream.md` §4.1).
 //!
 //! Nothing in the store is created or written: the lock files are opened read-only.
 
