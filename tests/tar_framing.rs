@@ -1,14 +1,18 @@
-//! Layers whose tar framing is easy to get wrong, made and moved with the real tools: an old GNU
-//! sparse file (GNU tar `--format=gnu --sparse`, twelve data segments, so an extension block
-//! follows the header), and old-style directories (typeflag NUL, name ending in `/`, written by
-//! Python's `tarfile`), once with a size field Go ignores. Each tarball becomes an image through
-//! `podman import` into a private store and `skopeo copy` into OCI layouts (uncompressed and
-//! gzip); `splitfdstream tar` must rebuild its diff_id from every source, and
-//! `splitfdstream pull` must import it so that `cfsctl` checks and rebuilds it. Last, layers
-//! whose size fields are hostile must fail with a clear error, not a panic.
+//! Layers whose tar framing is easy to get wrong, made and moved with the real tools: sparse
+//! files (GNU tar `--sparse`, twelve data segments: old GNU `--format=gnu`, where an extension
+//! block follows the header, and PAX `--format=posix --sparse-version=0.0|0.1|1.0`), and
+//! old-style directories (typeflag NUL, name ending in `/`, written by Python's `tarfile`), once
+//! with a size field Go ignores. Each tarball becomes an image through `podman import` into a
+//! private store (podman refuses old GNU sparse entries; it takes the PAX ones, but its
+//! tar-split keeps their expanded files, from which the helper rebuilds the bodies the tar
+//! holds) and `skopeo copy` into OCI layouts (uncompressed and gzip); `splitfdstream tar` must
+//! rebuild its diff_id from every source, and `splitfdstream pull` must import it so that
+//! `cfsctl` checks and rebuilds it. Last, layers whose size fields are hostile must fail with a
+//! clear error, not a panic.
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -45,10 +49,11 @@ fn regular_content() -> Vec<u8> {
     (0..5000u32).map(|i| (i * 7 % 251) as u8).collect()
 }
 
-/// `tar --format=gnu --sparse` of a tree with a file of [`SEGMENTS`] data segments (written
-/// with `dd` into a file `truncate` made, so holes lie between them and after the last) and a
-/// regular file.
-fn gnu_sparse_tar(dir: &Path) -> PathBuf {
+/// A tree with `sparse`, a file of [`SEGMENTS`] data segments (written with `dd` into a file
+/// `truncate` made, so holes lie between them and after the last, and before the first when
+/// `hole_first`), `sparse-tail`, a sparse file whose data runs span filesystem blocks and whose
+/// last one ends the file, and a regular file.
+fn sparse_tree(dir: &Path, hole_first: bool) -> PathBuf {
     let root = dir.join("root");
     std::fs::create_dir(&root).unwrap();
     let sparse = root.join("sparse");
@@ -57,7 +62,8 @@ fn gnu_sparse_tar(dir: &Path) -> PathBuf {
     run(Command::new("truncate")
         .arg(format!("-s{}", SEGMENTS * SEGMENT_STRIDE + 4096))
         .arg(&sparse));
-    for i in 0..SEGMENTS {
+    let first = if hole_first { 1 } else { 0 };
+    for i in first..SEGMENTS {
         let data = dir.join(format!("segment-{i}"));
         std::fs::write(&data, format!("data segment {i}\n").repeat(40)).unwrap();
         run(Command::new("dd")
@@ -66,11 +72,30 @@ fn gnu_sparse_tar(dir: &Path) -> PathBuf {
             .args(["bs=512", "conv=notrunc", "status=none"])
             .arg(format!("seek={}", i * SEGMENT_STRIDE / 512)));
     }
+    let tail_size = SEGMENTS * SEGMENT_STRIDE;
+    let tail = std::fs::File::create(root.join("sparse-tail")).unwrap();
+    tail.set_len(tail_size).unwrap();
+    for i in 0..SEGMENTS {
+        let len = 1000 + i * 1500;
+        let at = if i == SEGMENTS - 1 {
+            tail_size - len
+        } else {
+            i * SEGMENT_STRIDE + 3000
+        };
+        let data: Vec<u8> = (0..len).map(|j| (j % 251 + 1) as u8).collect();
+        tail.write_all_at(&data, at).unwrap();
+    }
     std::fs::write(root.join("regular"), regular_content()).unwrap();
+    root
+}
+
+/// `tar --sparse` with `format_args` of [`sparse_tree`]`(dir, hole_first)`.
+fn sparse_tar(dir: &Path, format_args: &[&str], hole_first: bool) -> PathBuf {
+    let root = sparse_tree(dir, hole_first);
     let tar = dir.join("sparse.tar");
     run(Command::new("tar")
+        .args(format_args)
         .args([
-            "--format=gnu",
             "--sparse",
             "--sort=name",
             "--owner=0",
@@ -83,6 +108,12 @@ fn gnu_sparse_tar(dir: &Path) -> PathBuf {
         .arg("-C")
         .arg(&root)
         .arg("."));
+    tar
+}
+
+/// `tar --format=gnu --sparse` of [`sparse_tree`].
+fn gnu_sparse_tar(dir: &Path) -> PathBuf {
+    let tar = sparse_tar(dir, &["--format=gnu"], false);
     // The framing under test really is there: an `S` header with an extension block.
     let bytes = std::fs::read(&tar).unwrap();
     let header = bytes
@@ -93,6 +124,33 @@ fn gnu_sparse_tar(dir: &Path) -> PathBuf {
     assert_ne!(
         header[482], 0,
         "no sparse extension block follows the header"
+    );
+    tar
+}
+
+/// `tar --format=posix --sparse --sparse-version=VERSION` of [`sparse_tree`]; checks that GNU
+/// tar wrote that version for both sparse files.
+fn pax_sparse_tar(dir: &Path, version: &str, hole_first: bool) -> PathBuf {
+    let tar = sparse_tar(
+        dir,
+        &["--format=posix", &format!("--sparse-version={version}")],
+        hole_first,
+    );
+    let bytes = std::fs::read(&tar).unwrap();
+    let marker: &[u8] = match version {
+        "0.0" => b" GNU.sparse.offset=",
+        "0.1" => b" GNU.sparse.map=",
+        _ => b" GNU.sparse.major=1\n",
+    };
+    let found = bytes.windows(marker.len()).filter(|w| *w == marker).count();
+    let want = if version == "0.0" {
+        2 * SEGMENTS as usize
+    } else {
+        2
+    };
+    assert!(
+        found >= want,
+        "GNU tar wrote no PAX {version} sparse entries"
     );
     tar
 }
@@ -261,11 +319,12 @@ fn pull_and_check(f: &Fixtures, cfsctl: &Path, source: &str, tar: &[u8]) -> serd
     summary
 }
 
-/// Every source of the image made from `tar` rebuilds its diff_id and pulls.
-fn check_layer(f: &Fixtures, name: &str, make: impl FnOnce(&Path) -> PathBuf) {
+/// Every source of the image made from `tar` rebuilds its diff_id and pulls; the sources
+/// (none when skipped).
+fn check_layer(f: &Fixtures, name: &str, make: impl FnOnce(&Path) -> PathBuf) -> Vec<String> {
     let Some(cfsctl) = cfsctl() else {
         println!("SKIP: cfsctl not found (set CFSCTL or install composefs-ctl 0.9.4)");
-        return;
+        return Vec::new();
     };
     let dir = scratch(f, name);
     let tar_path = make(dir.path());
@@ -279,12 +338,44 @@ fn check_layer(f: &Fixtures, name: &str, make: impl FnOnce(&Path) -> PathBuf) {
         assert_eq!(sha256(&layer_tar(source)), diff_id, "{source}");
         pull_and_check(f, &cfsctl, source, &tar);
     }
+    sources
 }
 
 #[test]
 fn gnu_sparse_layer() {
     let Some(f) = fixtures() else { return };
     check_layer(f, "gnu-sparse", gnu_sparse_tar);
+}
+
+/// A PAX sparse layer of `version`: containers-storage must hold it (and so be among the
+/// sources checked).
+fn check_pax_sparse_layer(version: &str, hole_first: bool) {
+    let Some(f) = fixtures() else { return };
+    let name = format!("pax-sparse-{version}");
+    let sources = check_layer(f, &name, |dir| pax_sparse_tar(dir, version, hole_first));
+    if let Some(first) = sources.first() {
+        assert!(
+            first.starts_with("containers-storage:"),
+            "podman did not import the PAX {version} sparse layer"
+        );
+    }
+}
+
+/// PAX sparse layers: podman imports them, and its tar-split records their expanded files; the
+/// helper rebuilds the bodies the tar holds (for 1.0 the map too, which tar-split drops).
+#[test]
+fn pax_sparse_0_0_layer() {
+    check_pax_sparse_layer("0.0", true);
+}
+
+#[test]
+fn pax_sparse_0_1_layer() {
+    check_pax_sparse_layer("0.1", false);
+}
+
+#[test]
+fn pax_sparse_1_0_layer() {
+    check_pax_sparse_layer("1.0", true);
 }
 
 #[test]

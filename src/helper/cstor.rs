@@ -10,6 +10,10 @@
 //! are framed on the way by [`crate::proto::tar::Tracker`], the stream reader's framer, which
 //! decides where a body belongs and how large it is; tar-split's file records only name it.
 //!
+//! Sparse entries are the exception: tar-split records the expanded file, not the body the tar
+//! holds, so the helper rebuilds that body (the PAX 1.0 map, then the data segments read from
+//! the expanded file) and sends it inline (`proto/splitfdstream.md` §4.1).
+//!
 //! Nothing in the store is created or written: the lock files are opened read-only.
 
 use std::collections::HashMap;
@@ -32,6 +36,7 @@ use crate::proto::tar::{Position, Tracker};
 
 pub mod config;
 mod manifest;
+mod sparse;
 mod store;
 
 use store::{
@@ -313,8 +318,9 @@ impl Backend for CstorBackend {
         // sent only where the tar has a regular-file body, of the size its header declares.
         // tar-split's file records alone would not do: they carry Go's `Header.Size` (the
         // size field even of entries that have no body, such as a `\0` entry named `dir/`),
-        // and their sizes are input a hostile store chooses.
-        let mut tar = Tracker::new();
+        // and their sizes are input a hostile store chooses. The tracker also reads and checks
+        // sparse maps, which a sparse body is rebuilt from.
+        let mut tar = Tracker::with_sparse_maps();
         for entry in TarSplitReader::from_gzip(tar_split) {
             out.sink.checkpoint().with_context(|| sending(layer_id))?;
             let entry = entry.with_context(|| format!("reading {tar_split_rel}"))?;
@@ -329,8 +335,13 @@ impl Backend for CstorBackend {
                     entries += 1;
                     let name = || file.name.escape_ascii();
                     let body = tar.file_body().filter(|b| b.remaining == b.size);
-                    let (size, sparse) = match body {
-                        Some(body) => (body.size, body.sparse),
+                    let size = match body {
+                        Some(body) if body.sparse => {
+                            send_sparse_body(&mut files, &mut tar, &mut out, &file, body.size)
+                                .with_context(|| format!("layer {layer_id}: {}", name()))?;
+                            continue;
+                        }
+                        Some(body) => body.size,
                         // Go reads no body for this entry: there is nothing to send, whatever
                         // size tar-split recorded.
                         None if tar.position() == Position::Header => continue,
@@ -345,15 +356,9 @@ impl Backend for CstorBackend {
                     };
                     ensure!(
                         file.size == size,
-                        "layer {layer_id}: {}: tar-split records {} bytes, the tar header {size}{}",
+                        "layer {layer_id}: {}: tar-split records {} bytes, the tar header {size}",
                         name(),
                         file.size,
-                        if sparse {
-                            " (a sparse file: tar-split keeps the expanded file, not the \
-                             archive's segments)"
-                        } else {
-                            ""
-                        }
                     );
                     tar.skip_file_body()
                         .with_context(|| format!("layer {layer_id}: {}", name()))?;
@@ -389,6 +394,47 @@ impl Backend for CstorBackend {
         out.flush().with_context(|| sending(layer_id))?;
         Ok(entries)
     }
+}
+
+/// Send the body the tar has for a sparse entry whose header the tracker has just read.
+/// tar-split's record is what Go's reader returns for it, the expanded file (see [`sparse`]):
+/// the body is rebuilt from that file in the diff dir, sent inline, and fed to the tracker,
+/// which checks it (a PAX 1.0 map included) against the header's map and size.
+fn send_sparse_body(
+    files: &mut LayerFiles<'_>,
+    tar: &mut Tracker,
+    out: &mut InlineBatch<'_>,
+    file: &tarsplit::FileEntry,
+    size: u64,
+) -> anyhow::Result<()> {
+    let entry = tar
+        .sparse_entry()
+        .cloned()
+        .context("a sparse body whose map the tracker does not know")?;
+    ensure!(
+        file.size == entry.real_size,
+        "tar-split records {} bytes, the sparse entry's real size is {}",
+        file.size,
+        entry.real_size
+    );
+    let fd = files.open_body(&file.name, entry.real_size)?;
+    sparse::send_body(fd.as_fd(), &entry, size, &mut |bytes| {
+        tar.feed(bytes).context("the rebuilt sparse body")?;
+        out.push(bytes).context("sending")?;
+        Ok(())
+    })
+    .with_context(|| {
+        format!(
+            "rebuilding the {:?} sparse body of {size} bytes",
+            entry.format
+        )
+    })?;
+    ensure!(
+        tar.file_body().is_none(),
+        "the rebuilt sparse body ends at tar offset {}, inside the body",
+        tar.offset()
+    );
+    Ok(())
 }
 
 fn sending(layer_id: &str) -> String {

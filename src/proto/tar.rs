@@ -20,8 +20,9 @@
 //! - `L`/`K` (GNU long name/link) headers carry the next entry's name/link target.
 //! - `S` (old GNU sparse) headers may be followed by extension blocks (while byte 504 of the
 //!   previous block, or byte 482 of the header, is non-zero), then the body. A body of a sparse
-//!   entry (`S`, or a PAX `GNU.sparse.*` record) is the archive's map and data segments, not the
-//!   expanded file; [`Tracker::file_body`] says which bodies are sparse.
+//!   entry (`S`, or PAX `GNU.sparse.*` records that make it sparse by Go's rule, see
+//!   [`sparse`]) is the archive's map and data segments, not the expanded file;
+//!   [`Tracker::file_body`] says which bodies are sparse, in which format.
 //! - Every entry, with its body and padding, ends below tar offset 2^64; sizes that would take
 //!   the archive past it are errors ([`TarError::SizeOverflow`]), never wrapped.
 //! - A zero block ends the archive. Go also wants a second zero block; this tracker is lenient and
@@ -32,9 +33,23 @@
 //! framer: the stream reader, the OCI layout backend (which counts entries with it) and the
 //! repository importer (which decides with it which bodies become objects) all use it, so they
 //! cannot disagree about where an entry starts.
+//!
+//! A tracker made with [`Tracker::with_sparse_maps`] also reads and checks sparse maps as Go
+//! does (from the PAX records, the old GNU header and extension blocks, or the start of a PAX
+//! 1.0 body it is fed), rejects invalid ones ([`TarError::Sparse`]), and keeps the current
+//! entry's map ([`Tracker::sparse_entry`]): at most [`MAX_SPARSE_SEGMENTS`] segments. The
+//! framing is the same either way.
 
 use std::fmt;
 use std::ops::Range;
+
+pub mod sparse;
+
+pub use sparse::{
+    MAX_PAX1_MAP_LEN, MAX_SPARSE_SEGMENTS, Pax1MapReader, SparseEntry, SparseError, SparseFormat,
+    SparseMap, SparseSegment,
+};
+use sparse::{OldGnuMap, SPARSE_KEY_MAX, SparseKey, SparseRecords};
 
 /// Size of a tar block: headers are one block, bodies are padded to a multiple of it.
 pub const BLOCK_LEN: usize = 512;
@@ -155,6 +170,16 @@ pub enum TarError {
         offset: u64,
         /// Bytes that did not fit.
         len: u64,
+    },
+    /// A sparse entry's map is invalid (checked only by a tracker made with
+    /// [`Tracker::with_sparse_maps`]).
+    #[error("sparse entry at tar offset {offset}")]
+    Sparse {
+        /// Tar offset of the entry's header (for a PAX header's own records: of that header).
+        offset: u64,
+        /// What is wrong.
+        #[source]
+        source: SparseError,
     },
     /// [`Tracker::skip_file_body`] was called elsewhere than at the start of a regular-file body.
     #[error("tar offset {offset} is in {position}, not at the start of a regular-file body")]
@@ -313,7 +338,7 @@ fn padding(size: u64) -> u64 {
 }
 
 /// Extension data pending for the next real entry.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Pending {
     /// An `x`, `L` or `K` header was read and its entry has not come yet.
     active: bool,
@@ -321,8 +346,8 @@ struct Pending {
     pax_size: Option<u64>,
     /// Whether the PAX `path` record of the last `x` header ends in `/`.
     pax_path_is_dir: Option<bool>,
-    /// Whether the last `x` header has `GNU.sparse.*` records (a PAX sparse entry).
-    pax_sparse: bool,
+    /// The `GNU.sparse.*` records of the last `x` header.
+    pax_sparse: Option<SparseRecords>,
     /// Whether the last GNU long name ends in `/`.
     long_name_is_dir: Option<bool>,
 }
@@ -336,8 +361,9 @@ enum PaxKey {
     Path,
     /// `linkpath`, `uname`, `gname`: values must not contain NUL.
     NoNulValue,
-    /// `GNU.sparse.*`: the entry is a PAX sparse file (its key must not contain NUL either).
-    GnuSparse,
+    /// `GNU.sparse.*`: may make the entry a PAX sparse file (its key must not contain NUL
+    /// either).
+    GnuSparse(SparseKey),
     /// Anything else: the key must not contain NUL.
     Other,
 }
@@ -355,17 +381,16 @@ enum PaxState {
 
 /// Longest decimal record length accepted; 19 digits cannot overflow a u64.
 const PAX_MAX_LEN_DIGITS: u32 = 19;
-/// Longest key prefix kept for comparison (`GNU.sparse.`); longer keys are only counted.
-const PAX_KEY_KEEP: usize = 11;
-/// Prefix of the PAX keys of GNU sparse files (`GNU.sparse.major`, `GNU.sparse.map`, …).
-const PAX_GNU_SPARSE_PREFIX: &[u8; PAX_KEY_KEEP] = b"GNU.sparse.";
+/// Longest key prefix kept for comparison (`GNU.sparse.numblocks`); longer keys are only
+/// counted.
+const PAX_KEY_KEEP: usize = SPARSE_KEY_MAX;
 
 /// Streaming parser of PAX records (`"%d %s=%s\n"`), following Go's `parsePAXRecord`: the
 /// length counts the whole record, is at least 5 and fits in what is left of the body; the key
 /// ends at the first `=` and is not empty; the record ends in `\n`; `path`, `linkpath`,
 /// `uname`, `gname` values and all other keys contain no NUL. Keeps only `size`, whether
-/// `path` ends in `/` and whether a `GNU.sparse.*` key appeared, so memory is constant whatever
-/// the record sizes.
+/// `path` ends in `/` and what the `GNU.sparse.*` records say, so memory is constant whatever
+/// the record sizes (apart from the sparse segments a keeping parser stores).
 #[derive(Debug, Clone)]
 struct PaxParser {
     state: PaxState,
@@ -390,12 +415,13 @@ struct PaxParser {
     size: Option<u64>,
     /// Result: whether the last `path` record ends in `/` (`None` if absent or empty).
     path_is_dir: Option<bool>,
-    /// Result: whether a `GNU.sparse.*` record appeared.
-    sparse: bool,
+    /// Result: the `GNU.sparse.*` records.
+    sparse: SparseRecords,
 }
 
 impl PaxParser {
-    fn new() -> Self {
+    /// A parser; `keep_sparse`: store sparse map segments, not only check them.
+    fn new(keep_sparse: bool) -> Self {
         PaxParser {
             state: PaxState::Length,
             len: 0,
@@ -412,7 +438,7 @@ impl PaxParser {
             val_num: Some(0),
             size: None,
             path_is_dir: None,
-            sparse: false,
+            sparse: SparseRecords::new(keep_sparse),
         }
     }
 
@@ -457,13 +483,19 @@ impl PaxParser {
                             return Err("empty record key");
                         }
                         let key = &self.key[..(self.key_len as usize).min(PAX_KEY_KEEP)];
-                        self.which = match (self.key_len as usize == key.len(), key) {
+                        let whole = self.key_len as usize == key.len();
+                        self.which = match (whole, key) {
                             (true, b"size") => PaxKey::Size,
                             (true, b"path") => PaxKey::Path,
                             (true, b"linkpath" | b"uname" | b"gname") => PaxKey::NoNulValue,
-                            (false, k) if k == PAX_GNU_SPARSE_PREFIX => PaxKey::GnuSparse,
-                            _ => PaxKey::Other,
+                            _ => match SparseKey::from_key(key, self.key_len) {
+                                Some(k) => PaxKey::GnuSparse(k),
+                                None => PaxKey::Other,
+                            },
                         };
+                        if let PaxKey::GnuSparse(k) = self.which {
+                            self.sparse.begin(k);
+                        }
                         self.state = PaxState::Value;
                         self.val_len = 0;
                         self.val_has_nul = false;
@@ -490,6 +522,9 @@ impl PaxParser {
                         self.val_len += 1;
                         self.val_has_nul |= b == 0;
                         self.val_last = b;
+                        if let PaxKey::GnuSparse(_) = self.which {
+                            self.sparse.value_byte(b);
+                        }
                         if self.which == PaxKey::Size {
                             self.val_num = self.val_num.and_then(|n| {
                                 if !b.is_ascii_digit() {
@@ -512,7 +547,7 @@ impl PaxParser {
             PaxKey::Path | PaxKey::NoNulValue if self.val_has_nul => {
                 return Err("NUL in a path, linkpath, uname or gname value");
             }
-            PaxKey::Size | PaxKey::GnuSparse | PaxKey::Other if self.key_has_nul => {
+            PaxKey::Size | PaxKey::GnuSparse(_) | PaxKey::Other if self.key_has_nul => {
                 return Err("NUL in a key");
             }
             _ => {}
@@ -525,7 +560,7 @@ impl PaxParser {
             },
             PaxKey::Path if self.val_len == 0 => self.path_is_dir = None,
             PaxKey::Path => self.path_is_dir = Some(self.val_last == b'/'),
-            PaxKey::GnuSparse => self.sparse = true,
+            PaxKey::GnuSparse(_) => self.sparse.end(),
             _ => {}
         }
         Ok(())
@@ -539,6 +574,23 @@ impl PaxParser {
             Err("body ends inside a record")
         }
     }
+}
+
+/// Feed body bytes of a sparse entry to the reader of its PAX 1.0 map while the map is being
+/// read; `last`: `piece` ends the body.
+fn feed_pax1_map(sparse: &mut SparseState, piece: &[u8], last: bool) -> Result<(), TarError> {
+    let Some(reader) = &mut sparse.pax1 else {
+        return Ok(());
+    };
+    let offset = sparse.offset;
+    let error = |source| TarError::Sparse { offset, source };
+    reader.feed(piece).map_err(error)?;
+    if reader.is_done() {
+        sparse.entry.map = sparse.pax1.take().and_then(Pax1MapReader::into_map);
+    } else if last {
+        reader.finish().map_err(error)?;
+    }
+    Ok(())
 }
 
 /// Tracks the end of a NUL-terminated GNU long name: only whether it ends in `/` matters.
@@ -566,11 +618,15 @@ impl NameTail {
 enum BodyKind {
     /// A regular file (`0`, `\0`, `7`, `S`): may be elided as an fd reference. `sparse` for an
     /// old GNU sparse (`S`) or PAX sparse entry, whose body is the archive's map and segments.
-    File { sparse: bool },
+    File { sparse: Option<SparseFormat> },
     /// Any other entry with a body (e.g. GNU dumpdir, unknown typeflags): must travel inline.
     Data,
-    /// PAX records (`x` when `!global`, `g` when `global`).
-    Pax { global: bool, parser: PaxParser },
+    /// PAX records (`x` when `!global`, `g` when `global`). The parser is boxed: it is large,
+    /// and most bodies are files.
+    Pax {
+        global: bool,
+        parser: Box<PaxParser>,
+    },
     /// GNU long name.
     LongName(NameTail),
     /// GNU long link target (only skipped).
@@ -604,9 +660,22 @@ pub struct FileBody {
     pub size: u64,
     /// Bytes of it not consumed yet (`size` at its start).
     pub remaining: u64,
-    /// The entry is sparse (old GNU `S`, or PAX `GNU.sparse.*` records): the body holds the
-    /// archive's sparse map (PAX 1.0) and data segments, not the file's content.
+    /// The entry is sparse (old GNU `S`, or PAX `GNU.sparse.*` records that make it sparse by
+    /// Go's rule): the body holds the archive's sparse map (PAX 1.0) and data segments, not the
+    /// file's content.
     pub sparse: bool,
+    /// The sparse format, when `sparse`.
+    pub sparse_format: Option<SparseFormat>,
+}
+
+/// The sparse entry a keeping tracker is in.
+#[derive(Debug, Clone)]
+struct SparseState {
+    /// Tar offset of the entry's header, for errors.
+    offset: u64,
+    entry: SparseEntry,
+    /// PAX 1.0: the reader of the map at the start of the body, until it is read.
+    pax1: Option<Pax1MapReader>,
 }
 
 /// Incremental tar framing tracker: feed it the archive's bytes in any pieces; it checks
@@ -633,6 +702,12 @@ pub struct Tracker {
     /// Real entries (every header except `x`, `L`, `K` and the end zero block).
     entries: u64,
     pending: Pending,
+    /// Read, check and keep sparse maps.
+    keep_sparse: bool,
+    /// An old GNU map whose extension blocks are being read, with its header's offset.
+    old_gnu: Option<(u64, OldGnuMap)>,
+    /// The sparse entry whose body the tracker is in (keeping trackers only).
+    sparse: Option<SparseState>,
 }
 
 impl Default for Tracker {
@@ -642,7 +717,8 @@ impl Default for Tracker {
 }
 
 impl Tracker {
-    /// A tracker at the start of an archive.
+    /// A tracker at the start of an archive. It marks sparse bodies but does not read their
+    /// maps.
     pub fn new() -> Self {
         Tracker {
             state: State::Header,
@@ -652,6 +728,20 @@ impl Tracker {
             header_offset: 0,
             entries: 0,
             pending: Pending::default(),
+            keep_sparse: false,
+            old_gnu: None,
+            sparse: None,
+        }
+    }
+
+    /// A tracker at the start of an archive that also reads and checks every sparse map as Go
+    /// does ([`sparse`]), and keeps the current entry's ([`Self::sparse_entry`]). A PAX 1.0 map
+    /// is read from the body's first bytes when they are fed; a skipped body's map stays
+    /// unknown. Memory: the current map, at most [`MAX_SPARSE_SEGMENTS`] segments.
+    pub fn with_sparse_maps() -> Self {
+        Tracker {
+            keep_sparse: true,
+            ..Self::new()
         }
     }
 
@@ -715,14 +805,24 @@ impl Tracker {
             } => Some(FileBody {
                 size,
                 remaining,
-                sparse,
+                sparse: sparse.is_some(),
+                sparse_format: sparse,
             }),
             _ => None,
         }
     }
 
+    /// The sparse entry of the regular-file body the tracker is in, for a tracker made with
+    /// [`Self::with_sparse_maps`]. Its map is known from the headers (old GNU, PAX 0.x), or for
+    /// PAX 1.0 once the map at the start of the body has been fed. The packed data is the
+    /// body's last [`SparseMap::data_len`] bytes.
+    pub fn sparse_entry(&self) -> Option<&SparseEntry> {
+        self.file_body()?;
+        self.sparse.as_ref().map(|s| &s.entry)
+    }
+
     /// Elide the regular-file body that starts here, as if its bytes had been fed; returns its
-    /// size.
+    /// size. (A PAX 1.0 map in it stays unknown.)
     ///
     /// # Errors
     /// [`TarError::NotAtFileBody`] unless [`Self::file_body_start`] is `Some`.
@@ -737,7 +837,7 @@ impl Tracker {
         self.consume(body.size)?;
         self.end_body(
             BodyKind::File {
-                sparse: body.sparse,
+                sparse: body.sparse_format,
             },
             body.size,
         )?;
@@ -836,6 +936,9 @@ impl Tracker {
                         BodyKind::LongName(tail) => tail.feed(piece),
                         BodyKind::File { .. } | BodyKind::Data | BodyKind::LongLink => {}
                     }
+                    if let Some(sparse) = &mut self.sparse {
+                        feed_pax1_map(sparse, piece, *remaining == n as u64)?;
+                    }
                     *remaining -= n as u64;
                     pos += n;
                     self.offset += n as u64;
@@ -893,11 +996,11 @@ impl Tracker {
                 let kind = match typeflag {
                     TYPE_PAX => BodyKind::Pax {
                         global: false,
-                        parser: PaxParser::new(),
+                        parser: Box::new(PaxParser::new(self.keep_sparse)),
                     },
                     TYPE_PAX_GLOBAL => BodyKind::Pax {
                         global: true,
-                        parser: PaxParser::new(),
+                        parser: Box::new(PaxParser::new(self.keep_sparse)),
                     },
                     TYPE_GNU_LONG_NAME => BodyKind::LongName(NameTail::default()),
                     _ => BodyKind::LongLink,
@@ -930,20 +1033,50 @@ impl Tracker {
                 } else {
                     u64::try_from(size).map_err(|_| TarError::NegativeSize { offset, size })?
                 };
+                // Go reads an `S` entry's map from its header whatever PAX records say.
+                let pax_sparse = pending.pax_sparse.filter(|_| typeflag != TYPE_GNU_SPARSE);
+                let sparse = match &pax_sparse {
+                    _ if typeflag == TYPE_GNU_SPARSE => Some(SparseFormat::OldGnu),
+                    Some(records) => records.format(),
+                    None => None,
+                };
                 let kind = match typeflag {
-                    b'0' | TYPE_REG_OLD | b'7' => BodyKind::File {
-                        sparse: pending.pax_sparse,
-                    },
-                    TYPE_GNU_SPARSE => BodyKind::File { sparse: true },
+                    b'0' | TYPE_REG_OLD | b'7' | TYPE_GNU_SPARSE => BodyKind::File { sparse },
                     _ => BodyKind::Data,
                 };
+                let sparse_error = |source| TarError::Sparse { offset, source };
+                self.sparse = None;
                 if typeflag == TYPE_GNU_SPARSE {
                     if !is_gnu(block) {
                         return Err(TarError::SparseNotGnu { offset });
                     }
+                    let map = if self.keep_sparse {
+                        Some(OldGnuMap::start(block, true).map_err(sparse_error)?)
+                    } else {
+                        None
+                    };
                     if block[GNU_SPARSE_IS_EXTENDED] != 0 {
+                        self.old_gnu = map.map(|m| (offset, m));
                         self.state = State::SparseExt { body };
                         return Ok(false);
+                    }
+                    if let Some(map) = map {
+                        self.start_sparse(offset, map.finish(body).map_err(sparse_error)?);
+                    }
+                } else if let Some(records) = pax_sparse.filter(|_| self.keep_sparse) {
+                    if sparse.is_some() && header_only {
+                        return Err(sparse_error(SparseError::HeaderOnly { typeflag }));
+                    }
+                    if let Some(resolved) = records.resolve(body).map_err(sparse_error)? {
+                        if resolved.pax1.is_some() && body == 0 {
+                            // Go's map reader finds no block to read.
+                            return Err(sparse_error(SparseError::TruncatedMap { body_size: 0 }));
+                        }
+                        self.sparse = Some(SparseState {
+                            offset,
+                            entry: resolved.entry,
+                            pax1: resolved.pax1,
+                        });
                     }
                 }
                 self.enter_body(kind, body)
@@ -951,13 +1084,38 @@ impl Tracker {
         }
     }
 
+    /// A sparse entry whose map is complete starts (keeping trackers only).
+    fn start_sparse(&mut self, offset: u64, entry: SparseEntry) {
+        self.sparse = Some(SparseState {
+            offset,
+            entry,
+            pax1: None,
+        });
+    }
+
     /// An old GNU sparse extension block is complete.
     fn on_sparse_ext(&mut self, block: &[u8; BLOCK_LEN], body: u64) -> Result<bool, TarError> {
-        if block[SPARSE_EXT_IS_EXTENDED] != 0 {
-            Ok(false) // another extension block follows; stay
-        } else {
-            self.enter_body(BodyKind::File { sparse: true }, body)
+        let more = block[SPARSE_EXT_IS_EXTENDED] != 0;
+        if let Some((offset, map)) = &mut self.old_gnu {
+            let offset = *offset;
+            map.extension(block)
+                .map_err(|source| TarError::Sparse { offset, source })?;
         }
+        if more {
+            return Ok(false); // another extension block follows; stay
+        }
+        if let Some((offset, map)) = self.old_gnu.take() {
+            let entry = map
+                .finish(body)
+                .map_err(|source| TarError::Sparse { offset, source })?;
+            self.start_sparse(offset, entry);
+        }
+        self.enter_body(
+            BodyKind::File {
+                sparse: Some(SparseFormat::OldGnu),
+            },
+            body,
+        )
     }
 
     /// Start a body; returns whether it is a regular-file body of size > 0.
@@ -999,18 +1157,27 @@ impl Tracker {
                     offset: self.header_offset,
                     reason,
                 })?;
+                if self.keep_sparse
+                    && let Some(source) = parser.sparse.pair_order_error()
+                {
+                    return Err(TarError::Sparse {
+                        offset: self.header_offset,
+                        source,
+                    });
+                }
                 if !global {
                     // A later `x` header replaces all records of an earlier one.
                     self.pending.pax_size = parser.size;
                     self.pending.pax_path_is_dir = parser.path_is_dir;
-                    self.pending.pax_sparse = parser.sparse;
+                    self.pending.pax_sparse = Some(parser.sparse);
                 }
             }
             BodyKind::LongName(tail) => {
                 // An empty long name is ignored by Go, and clears an earlier one.
                 self.pending.long_name_is_dir = tail.last.map(|b| b == b'/');
             }
-            BodyKind::File { .. } | BodyKind::Data | BodyKind::LongLink => {}
+            BodyKind::File { .. } | BodyKind::Data => self.sparse = None,
+            BodyKind::LongLink => {}
         }
         let pad = padding(size);
         self.state = if pad == 0 {
@@ -1021,6 +1188,9 @@ impl Tracker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod sparse_tests;
 
 #[cfg(test)]
 mod tests {
@@ -1339,21 +1509,50 @@ mod tests {
             size: 1000,
             remaining: 1000,
             sparse: true,
+            sparse_format: Some(SparseFormat::OldGnu),
         };
         assert_eq!(body_of(&tar), Some(want));
-        // PAX sparse: any GNU.sparse.* record; a later `x` header replaces it.
+        // PAX sparse: records that make it sparse by Go's rule; a later `x` header replaces
+        // them.
         let recs = pax(&[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0")]);
         let mut tar = header(b"p", b'x', recs.len() as u64, USTAR).to_vec();
         tar.extend(body(&recs));
         let mut with_file = tar.clone();
         with_file.extend(header(b"GNUSparseFile.0/f", b'0', 1000, USTAR));
-        assert_eq!(body_of(&with_file), Some(want));
+        let pax1 = FileBody {
+            sparse_format: Some(SparseFormat::PaxV10),
+            ..want
+        };
+        assert_eq!(body_of(&with_file), Some(pax1));
+        for (recs, format) in [
+            (
+                pax(&[("GNU.sparse.map", b"0,1")]),
+                Some(SparseFormat::PaxV01),
+            ),
+            (
+                pax(&[("GNU.sparse.offset", b"0"), ("GNU.sparse.numbytes", b"1")]),
+                Some(SparseFormat::PaxV00),
+            ),
+            // No map and no version, or an unknown version: Go reads a plain file.
+            (pax(&[("GNU.sparse.name", b"f")]), None),
+            (
+                pax(&[("GNU.sparse.major", b"2"), ("GNU.sparse.map", b"0,1")]),
+                None,
+            ),
+        ] {
+            let mut tar = header(b"p", b'x', recs.len() as u64, USTAR).to_vec();
+            tar.extend(body(&recs));
+            tar.extend(header(b"f", b'0', 1000, USTAR));
+            let got = body_of(&tar).unwrap();
+            assert_eq!((got.sparse, got.sparse_format), (format.is_some(), format));
+        }
         let recs = pax(&[("GNU.sparsely", b"1")]);
         tar.extend(header(b"p", b'x', recs.len() as u64, USTAR));
         tar.extend(body(&recs));
         tar.extend(header(b"f", b'0', 1000, USTAR));
         let plain = FileBody {
             sparse: false,
+            sparse_format: None,
             ..want
         };
         assert_eq!(body_of(&tar), Some(plain));
