@@ -123,8 +123,8 @@ fn build_compact(
     let mut tree = Tree::new(alg.digest_len());
     for (n, layer) in layers.iter().enumerate() {
         let mut reader = SplitStreamReader::open(repo, layer, Some(LAYER_CONTENT_TYPE))?;
-        while let Some(raw) =
-            next_raw(&mut reader).map_err(|e| prefix(e, &format!("layer {n} (stream {layer})")))?
+        while let Some(raw) = next_raw(repo, &mut reader)
+            .map_err(|e| prefix(e, &format!("layer {n} (stream {layer})")))?
         {
             let xattrs: Vec<tree::XattrPair<'_>> =
                 raw.xattrs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
@@ -172,7 +172,7 @@ fn build<H: FsVerityHashValue>(
     let mut fs = FileSystem::<H>::new(Stat::uninitialized());
     for (n, layer) in layers.iter().enumerate() {
         let mut reader = SplitStreamReader::open(repo, layer, Some(LAYER_CONTENT_TYPE))?;
-        while let Some(entry) = next_entry::<H>(&mut reader)
+        while let Some(entry) = next_entry::<H>(repo, &mut reader)
             .map_err(|e| prefix(e, &format!("layer {n} (stream {layer})")))?
         {
             let path = entry.path.clone();
@@ -234,9 +234,10 @@ fn absolute_path(tar_path: &[u8]) -> PathBuf {
 
 /// The next entry of a layer stream for composefs's tree, or `None` at its end.
 fn next_entry<H: FsVerityHashValue>(
+    repo: &Repository,
     reader: &mut SplitStreamReader,
 ) -> Result<Option<Entry<H>>, BuildError> {
-    let Some(raw) = next_raw(reader)? else {
+    let Some(raw) = next_raw(repo, reader)? else {
         return Ok(None);
     };
     let item = match raw.item {

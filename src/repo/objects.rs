@@ -484,6 +484,60 @@ impl Repository {
         Ok(id)
     }
 
+    /// Store the expanded content of a sparse file as an object: `real_size` bytes, zero
+    /// except for `segments` (offset, length; sorted, not overlapping, within `real_size`),
+    /// whose bytes `fill` supplies in order, a buffer at a time. Holes are hashed but never
+    /// written, so the object is as sparse on disk as the filesystem allows.
+    ///
+    /// # Errors
+    /// `fill` failed, a segment lies outside the file, or I/O errors.
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
+    pub(crate) fn store_sparse(
+        &self,
+        real_size: u64,
+        segments: &[(u64, u64)],
+        fill: &mut dyn FnMut(&mut [u8]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<ObjectId> {
+        /// A buffer of zeros for hashing holes, and the largest piece of data read at once.
+        const PIECE: usize = 256 << 10;
+        static ZEROS: [u8; PIECE] = [0; PIECE];
+        let tmp = self.create_tmp_object_anywhere()?;
+        let mut hasher = FsVerityHasher::new(self.alg);
+        let hash_zeros = |hasher: &mut FsVerityHasher, mut n: u64| {
+            while n > 0 {
+                let k = n.min(PIECE as u64) as usize;
+                hasher.update(&ZEROS[..k]);
+                n -= k as u64;
+            }
+        };
+        let mut buf = vec![0u8; PIECE];
+        let mut pos = 0u64;
+        for &(offset, length) in segments {
+            let end = offset
+                .checked_add(length)
+                .filter(|&e| offset >= pos && e <= real_size)
+                .with_context(|| {
+                    format!("sparse segment {offset}+{length} outside a {real_size}-byte file")
+                })?;
+            hash_zeros(&mut hasher, offset - pos);
+            let mut at = offset;
+            while at < end {
+                let k = (end - at).min(PIECE as u64) as usize;
+                fill(&mut buf[..k])?;
+                write_all_at(tmp.file.as_fd(), &buf[..k], at)
+                    .with_context(|| format!("writing a sparse object at offset {at}"))?;
+                hasher.update(&buf[..k]);
+                at += k as u64;
+            }
+            pos = end;
+        }
+        hash_zeros(&mut hasher, real_size - pos);
+        rustix::fs::ftruncate(&tmp.file, real_size).context("sizing a sparse object")?;
+        let id = hasher.finish();
+        self.commit_tmp_object(tmp, &id, real_size)?;
+        Ok(id)
+    }
+
     /// Store a regular-file body of `size` bytes from `src` as an object.
     ///
     /// The data path is `FICLONE` (a reflink: no data copied) when source and repository share

@@ -653,6 +653,32 @@ impl SplitStreamReader {
         Ok(true)
     }
 
+    /// Read `buf.len()` inline bytes, across inline chunk boundaries (a long inline body). `false`
+    /// when the stream ends first.
+    ///
+    /// # Errors
+    /// An object reference where inline bytes were expected, or a malformed stream.
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
+    pub(crate) fn read_inline_span(&mut self, mut buf: &mut [u8]) -> anyhow::Result<bool> {
+        while !buf.is_empty() {
+            if self.inline_left == 0 {
+                match self.next_chunk()? {
+                    None => return Ok(false),
+                    Some(Chunk::Inline(_)) => {}
+                    Some(Chunk::External(id)) => bail!(
+                        "object {id} where inline tar data was expected (stream offset {})",
+                        self.pos
+                    ),
+                }
+            }
+            let n = (self.inline_left.min(buf.len() as u64)) as usize;
+            let (now, rest) = std::mem::take(&mut buf).split_at_mut(n);
+            self.read_inline(now)?;
+            buf = rest;
+        }
+        Ok(true)
+    }
+
     /// Read an entry body of `size` bytes stored in `padded` bytes (composefs-rs's rule: either
     /// one external object followed by inline padding, or all of it inline in one chunk).
     #[cfg_attr(not(feature = "erofs"), allow(dead_code))]

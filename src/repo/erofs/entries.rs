@@ -14,11 +14,13 @@
 //! types `1`–`6` and directories whatever their size field, and the first zero block ends the
 //! archive.
 
-use crate::proto::tar::{self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN};
+use crate::proto::tar::{
+    self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN, Pax1MapReader, SparseEntry, SparseFormat,
+};
 
-use super::super::ObjectId;
 use super::super::splitstream::{Body, SplitStreamReader};
 use super::super::tar::INLINE_CONTENT_MAX;
+use super::super::{ObjectId, Repository};
 use super::BuildError;
 
 /// What a tar entry carries.
@@ -74,6 +76,8 @@ struct Pending {
     long_link: Option<Vec<u8>>,
     /// PAX records, merged as Go merges them: a later `x` header's key replaces an earlier one.
     pax: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The PAX records as they came (sparse maps repeat keys, which merging would lose).
+    pax_raw: Vec<u8>,
 }
 
 impl Pending {
@@ -189,7 +193,10 @@ fn pax_u64(pending: &Pending, key: &[u8]) -> Result<Option<u64>, BuildError> {
 }
 
 /// The next entry of a layer stream, or `None` at its end.
-pub(super) fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry>, BuildError> {
+pub(super) fn next_raw(
+    repo: &Repository,
+    reader: &mut SplitStreamReader,
+) -> Result<Option<RawEntry>, BuildError> {
     let mut pending = Pending::default();
     let mut block = [0u8; BLOCK_LEN];
     loop {
@@ -212,7 +219,10 @@ pub(super) fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry
                 }
                 let data = read_inline_body(reader, size)?;
                 match typeflag {
-                    b'x' => parse_pax(&data, &mut pending.pax)?,
+                    b'x' => {
+                        parse_pax(&data, &mut pending.pax)?;
+                        pending.pax_raw.extend_from_slice(&data);
+                    }
                     b'L' => pending.long_name = Some(c_str(&data).to_vec()),
                     b'K' => pending.long_link = Some(c_str(&data).to_vec()),
                     // A global header is an entry of its own and changes nothing here.
@@ -220,8 +230,116 @@ pub(super) fn next_raw(reader: &mut SplitStreamReader) -> Result<Option<RawEntry
                 }
                 continue;
             }
-            _ => return entry(reader, &block, size, pending).map(Some),
+            _ => return entry(repo, reader, &block, size, pending).map(Some),
         }
+    }
+}
+
+/// The map of an old GNU sparse entry: in its header and the extension blocks that follow it.
+fn old_gnu_sparse(
+    reader: &mut SplitStreamReader,
+    header: &[u8; BLOCK_LEN],
+    size: u64,
+) -> Result<SparseEntry, BuildError> {
+    /// Byte of the header that says an extension block follows.
+    const IS_EXTENDED: usize = 482;
+    /// The same byte in an extension block.
+    const EXT_IS_EXTENDED: usize = 504;
+    let mut exts: Vec<[u8; BLOCK_LEN]> = Vec::new();
+    let mut more = header[IS_EXTENDED] != 0;
+    while more {
+        if exts.len() >= ptar::MAX_SPARSE_SEGMENTS / 21 + 1 {
+            return Err(skip("too many sparse extension blocks"));
+        }
+        let mut b = [0u8; BLOCK_LEN];
+        if !reader.read_inline_exact(&mut b)? {
+            return Err(skip("the stream ends in the sparse extension blocks"));
+        }
+        more = b[EXT_IS_EXTENDED] != 0;
+        exts.push(b);
+    }
+    SparseEntry::from_old_gnu(header, &exts, size).map_err(|e| skip(e.to_string()))
+}
+
+/// A sparse file's body (`size` bytes, inline in the stream: for PAX 1.0 the map, then the
+/// data segments packed) becomes its expanded content: an object of the real size whose holes
+/// are zeros (inline content when it is that small).
+fn sparse_file(
+    repo: &Repository,
+    reader: &mut SplitStreamReader,
+    sparse: &SparseEntry,
+    size: u64,
+) -> Result<RawItem, BuildError> {
+    let mut consumed = 0u64;
+    let map = match (&sparse.map, sparse.format) {
+        (Some(map), _) => map.clone(),
+        (None, SparseFormat::PaxV10) => {
+            let mut r = Pax1MapReader::new(sparse.real_size, size);
+            let mut block = [0u8; BLOCK_LEN];
+            while !r.is_done() {
+                if consumed >= size || !reader.read_inline_span(&mut block)? {
+                    return Err(skip("the body ends inside its PAX 1.0 sparse map"));
+                }
+                consumed += BLOCK_LEN as u64;
+                let used = r.feed(&block).map_err(|e| skip(e.to_string()))?;
+                if used != BLOCK_LEN {
+                    return Err(skip("a PAX 1.0 sparse map not padded to a block"));
+                }
+            }
+            r.into_map()
+                .ok_or_else(|| skip("a PAX 1.0 sparse map that did not parse"))?
+        }
+        (None, _) => return Err(skip("a sparse entry without a map")),
+    };
+    if consumed.checked_add(map.data_len()) != Some(size) {
+        return Err(skip(format!(
+            "a sparse body of {size} bytes for {} bytes of map and {} of data",
+            consumed,
+            map.data_len()
+        )));
+    }
+    let segments: Vec<(u64, u64)> = map
+        .segments()
+        .iter()
+        .map(|s| (s.offset, s.length))
+        .collect();
+    let real_size = map.real_size();
+    let item = if real_size <= INLINE_CONTENT_MAX {
+        let mut content = vec![0u8; real_size as usize];
+        for &(offset, length) in &segments {
+            let at = offset as usize;
+            if !reader.read_inline_span(&mut content[at..at + length as usize])? {
+                return Err(skip("the stream ends in a sparse body"));
+            }
+        }
+        RawItem::Inline(content)
+    } else {
+        let mut fill = |buf: &mut [u8]| -> anyhow::Result<()> {
+            anyhow::ensure!(
+                reader.read_inline_span(buf)?,
+                "the stream ends in a sparse body"
+            );
+            Ok(())
+        };
+        let id = repo
+            .store_sparse(real_size, &segments, &mut fill)
+            .map_err(BuildError::Fatal)?;
+        RawItem::External(id, real_size)
+    };
+    // The body's padding.
+    let pad = (BLOCK_LEN as u64 - size % BLOCK_LEN as u64) % BLOCK_LEN as u64;
+    let mut p = [0u8; BLOCK_LEN];
+    if !reader.read_inline_span(&mut p[..pad as usize])? {
+        return Err(skip("the stream ends in a sparse body's padding"));
+    }
+    Ok(item)
+}
+
+/// `e`, saying which entry (`path`) it is about.
+fn prefix_skip(e: BuildError, path: &str) -> BuildError {
+    match e {
+        BuildError::Skip(s) => BuildError::Skip(format!("{path:?}: {s}")),
+        fatal => fatal,
     }
 }
 
@@ -239,6 +357,7 @@ fn read_inline_body(reader: &mut SplitStreamReader, size: u64) -> Result<Vec<u8>
 }
 
 fn entry(
+    repo: &Repository,
     reader: &mut SplitStreamReader,
     block: &[u8; BLOCK_LEN],
     header_size: u64,
@@ -298,16 +417,30 @@ fn entry(
                 .map(|name| (name.to_vec(), v.clone()))
         })
         .collect();
-    let sparse = typeflag == b'S'
-        || pending
-            .pax
-            .iter()
-            .any(|(k, _)| k.starts_with(b"GNU.sparse."));
+    if let Some(name) = pending.pax(b"GNU.sparse.name") {
+        path = name.to_vec();
+    }
     let show = String::from_utf8_lossy(&path).into_owned();
-    if sparse {
-        return Err(skip(format!(
-            "{show:?}: sparse files are not supported yet"
-        )));
+    let sparse = match typeflag {
+        b'S' if gnu => {
+            Some(old_gnu_sparse(reader, block, size).map_err(|e| prefix_skip(e, &show))?)
+        }
+        b'0' | 0 | b'7' | b'S' => SparseEntry::from_pax_records(&pending.pax_raw, size)
+            .map_err(|e| skip(format!("{show:?}: {e}")))?,
+        _ => None,
+    };
+    if let Some(sparse) = sparse {
+        let item = sparse_file(repo, reader, &sparse, size).map_err(|e| prefix_skip(e, &show))?;
+        return Ok(RawEntry {
+            path,
+            mode,
+            uid: uid as u32,
+            gid: gid as u32,
+            mtime,
+            nsec,
+            xattrs,
+            item,
+        });
     }
     let device = |kind: &str| -> Result<u64, BuildError> {
         if !(ustar || gnu) {
