@@ -102,8 +102,12 @@ pub enum UsernsMode {
 }
 
 impl UsernsMode {
-    /// Does a helper for `config` need its own user namespace? With it, the store's location
-    /// as this process resolves it (its uid's defaults; root's would apply inside).
+    /// Does a helper for `config` need its own user namespace? With it, the store to name to
+    /// the helper. The helper resolves that store inside the namespace as this process would
+    /// (its configuration files, drop-ins and additional image stores included): it is told
+    /// this process's uid as podman tells its own re-executed child, through
+    /// `_CONTAINERS_USERNS_CONFIGURED` and `_CONTAINERS_ROOTLESS_UID` (see
+    /// [`StorageEnv::from_process`](crate::helper::cstor::config::StorageEnv::from_process)).
     fn decide(config: &ProxyConfig) -> anyhow::Result<Option<Store>> {
         let wanted = match config.userns {
             UsernsMode::Never => return Ok(None),
@@ -130,11 +134,9 @@ impl UsernsMode {
                         return Ok(None);
                     }
                 }
-                Store::ContainersStorage {
-                    driver: Some(loc.driver),
-                    graphroot: Some(loc.graphroot),
-                    runroot: Some(loc.runroot),
-                }
+                // Not the resolved roots: a source naming its graph root is a store without
+                // the configuration's additional image stores (see `cstor::config`).
+                config.store.clone()
             }
             other => other.clone(),
         };
@@ -258,7 +260,15 @@ impl Proxy {
             Some(_) => {
                 let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
                     .context("creating the user namespace handshake pipe")?;
-                cmd.arg("--userns").stdout(Stdio::from(w));
+                // The helper is uid 0 in its namespace; as under `podman unshare`, its store is
+                // still this user's.
+                cmd.arg("--userns")
+                    .env("_CONTAINERS_USERNS_CONFIGURED", "done")
+                    .env(
+                        "_CONTAINERS_ROOTLESS_UID",
+                        rustix::process::geteuid().as_raw().to_string(),
+                    )
+                    .stdout(Stdio::from(w));
                 Some(r)
             }
             None => {

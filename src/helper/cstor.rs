@@ -16,11 +16,11 @@
 //!
 //! Nothing in the store is created or written: the lock files are opened read-only.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
@@ -54,14 +54,62 @@ pub const INLINE_BATCH: usize = 256 << 10;
 /// (`trusted.` for a root store, `user.` for a rootless one mounted with `userxattr`).
 const METACOPY_XATTRS: [&str; 2] = ["trusted.overlay.metacopy", "user.overlay.metacopy"];
 
-/// The containers-storage backend for one overlay store.
+/// Image records of an image store, beneath its root.
+const IMAGES_JSON: &str = "overlay-images/images.json";
+/// The lock of an image store, beneath its root.
+const IMAGES_LOCK: &str = "overlay-images/images.lock";
+/// Layer records of a layer store, beneath its root.
+const LAYERS_JSON: &str = "overlay-layers/layers.json";
+/// Layer records of containers' `--transient` layers, read after [`LAYERS_JSON`].
+const VOLATILE_LAYERS_JSON: &str = "overlay-layers/volatile-layers.json";
+/// The lock of a layer store, beneath its root.
+const LAYERS_LOCK: &str = "overlay-layers/layers.lock";
+
+/// The containers-storage backend for one overlay store, and the additional image stores it
+/// reads images from.
+///
+/// Lookups follow containers/storage (`store.go`): an image is searched in the primary image
+/// store, then in each additional one in order; a layer in the primary layer store, then in
+/// each additional image store's own `overlay-layers/` in order, wherever its image was found;
+/// a diff dir in the graph root's `overlay/`, then the image store's, then each additional
+/// store's. Every store searched is read-locked (fcntl `F_RDLCK` on its lock file, opened
+/// read-only and never created, so a store on a read-only filesystem is served as it is).
 #[derive(Debug)]
 pub struct CstorBackend {
     location: config::StoreLocation,
-    /// The graph root, opened `O_PATH`: every other path is resolved beneath it.
-    root: OwnedFd,
-    images_lock: StoreLock,
-    layers_lock: StoreLock,
+    /// Every directory read from, each opened `O_PATH` once: the graph root first, then the
+    /// image store and the additional image stores. Paths are resolved beneath the root they
+    /// belong to, never across roots.
+    roots: Vec<Root>,
+    /// Image stores, in search order.
+    image_stores: Vec<ImageStore>,
+    /// Layer stores, in search order.
+    layer_stores: Vec<LayerStore>,
+    /// Roots whose `overlay/` holds diff dirs, in the order the overlay driver looks.
+    diff_roots: Vec<usize>,
+}
+
+/// A directory the backend reads from.
+#[derive(Debug)]
+struct Root {
+    path: PathBuf,
+    dir: OwnedFd,
+}
+
+/// `overlay-images/` of one root.
+#[derive(Debug)]
+struct ImageStore {
+    root: usize,
+    lock: StoreLock,
+}
+
+/// A layer store: its record files (the first record of an id wins) and locks, and the root
+/// whose `overlay-layers/` holds its tar-split files.
+#[derive(Debug)]
+struct LayerStore {
+    root: usize,
+    records: Vec<(usize, &'static str)>,
+    locks: Vec<StoreLock>,
 }
 
 /// The parts of an image config used here.
@@ -89,23 +137,95 @@ impl CstorBackend {
     /// [`open`](Self::open) with an explicit environment.
     ///
     /// # Errors
-    /// As [`open`](Self::open).
+    /// As [`open`](Self::open), and an image store or additional image store that cannot be
+    /// opened (containers/storage refuses to start without one too).
     pub fn open_with_env(store: &Store, env: &config::StorageEnv) -> anyhow::Result<Self> {
         let location = config::resolve(store, env)?;
-        let graphroot = &location.graphroot;
-        let root = rustix::fs::open(
-            graphroot,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .with_context(|| format!("opening graph root {}", graphroot.display()))?;
-        let images_lock = StoreLock::open(&root, graphroot, "overlay-images/images.lock")?;
-        let layers_lock = StoreLock::open(&root, graphroot, "overlay-layers/layers.lock")?;
+        let mut roots: Vec<Root> = Vec::new();
+        let mut seen = HashSet::new();
+        // `None` for a directory that is one already opened (by another path): searching it
+        // twice finds nothing new, and two fds of one lock file would let one guard's unlock
+        // drop the other's fcntl lock.
+        let mut open_root = |path: &Path, what: &str| -> anyhow::Result<Option<usize>> {
+            let dir = rustix::fs::open(
+                path,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .with_context(|| format!("opening {what} {}", path.display()))?;
+            let st = rustix::fs::fstat(&dir)
+                .with_context(|| format!("inspecting {what} {}", path.display()))?;
+            if !seen.insert((st.st_dev, st.st_ino)) {
+                return Ok(None);
+            }
+            roots.push(Root {
+                path: path.to_owned(),
+                dir,
+            });
+            Ok(Some(roots.len() - 1))
+        };
+        // The first root opened is never one already opened: index 0.
+        let graph = open_root(&location.graphroot, "graph root")?.unwrap_or_default();
+        let image_root = match &location.imagestore {
+            Some(path) => open_root(path, "image store")?,
+            None => None,
+        };
+        let mut additional = Vec::new();
+        for path in &location.additional_image_stores {
+            additional.extend(open_root(path, "additional image store")?);
+        }
+
+        let lock = |root: usize, rel: &str| {
+            let r: &Root = &roots[root];
+            StoreLock::open(&r.dir, &r.path, rel)
+        };
+        // With an image store, it is the primary image store and the graph root's images come
+        // next (`store.load`); its layers' records are part of the primary layer store
+        // (`newLayerStore`), whose tar-split files stay in the graph root.
+        let image_order: Vec<usize> = image_root
+            .into_iter()
+            .chain([graph])
+            .chain(additional.iter().copied())
+            .collect();
+        let image_stores = image_order
+            .iter()
+            .map(|&root| {
+                Ok(ImageStore {
+                    root,
+                    lock: lock(root, IMAGES_LOCK)?,
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut primary_records = vec![(graph, LAYERS_JSON)];
+        primary_records.extend(image_root.map(|r| (r, LAYERS_JSON)));
+        primary_records.push((graph, VOLATILE_LAYERS_JSON));
+        let mut layer_stores = vec![LayerStore {
+            root: graph,
+            records: primary_records,
+            locks: [graph]
+                .into_iter()
+                .chain(image_root)
+                .map(|r| lock(r, LAYERS_LOCK))
+                .collect::<anyhow::Result<_>>()?,
+        }];
+        for &root in &additional {
+            layer_stores.push(LayerStore {
+                root,
+                records: vec![(root, LAYERS_JSON), (root, VOLATILE_LAYERS_JSON)],
+                locks: vec![lock(root, LAYERS_LOCK)?],
+            });
+        }
+        let diff_roots = [graph]
+            .into_iter()
+            .chain(image_root)
+            .chain(additional.iter().copied())
+            .collect();
         Ok(CstorBackend {
             location,
-            root,
-            images_lock,
-            layers_lock,
+            roots,
+            image_stores,
+            layer_stores,
+            diff_roots,
         })
     }
 
@@ -119,28 +239,54 @@ impl CstorBackend {
     }
 
     fn describe(&self) -> String {
-        format!(
+        let mut out = format!(
             "containers-storage:[overlay@{}+{}]",
             self.graphroot().display(),
             self.location.runroot.display()
-        )
+        );
+        let others: Vec<String> = self.roots[1..]
+            .iter()
+            .map(|r| r.path.display().to_string())
+            .collect();
+        if !others.is_empty() {
+            out.push_str(&format!(" (and {})", others.join(", ")));
+        }
+        out
+    }
+
+    /// The directory image store `store` lives in.
+    fn image_store_root(&self, store: usize) -> &Root {
+        &self.roots[self.image_stores[store].root]
     }
 
     /// Resolve the reference and read the image's config and the manifest it is served with
-    /// (see [`manifest::select`]), under the images lock.
+    /// (see [`manifest::select`]), under the image stores' locks.
     fn read_image(
         &self,
         reference: &str,
     ) -> Result<(ImageRecord, manifest::StoredManifest, Vec<u8>), BackendError> {
-        let _guard = self.images_lock.read()?;
-        let images: Vec<ImageRecord> =
-            read_records(&self.root, self.graphroot(), "overlay-images/images.json")?;
+        // Every image store read-locked in search order and held until the big data is read,
+        // as containers/storage's `readAllImageStores` holds the ones it has searched.
+        let _guards = self
+            .image_stores
+            .iter()
+            .map(|s| s.lock.read())
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut images: Vec<ImageRecord> = Vec::new();
+        for (index, store) in self.image_stores.iter().enumerate() {
+            let root = &self.roots[store.root];
+            for mut image in read_records::<ImageRecord>(&root.dir, &root.path, IMAGES_JSON)? {
+                image.store = index;
+                images.push(image);
+            }
+        }
         let image = resolve_reference(&images, reference, &self.describe())?.clone();
         validate_id("image", &image.id)?;
+        let root = self.image_store_root(image.store);
         let dir = format!("overlay-images/{}", image.id);
         let big_data = |key: &str| -> anyhow::Result<Option<Vec<u8>>> {
             let rel = format!("{dir}/{}", big_data_file_name(key));
-            read_file(&self.root, self.graphroot(), &rel, MAX_BIG_DATA_LEN)
+            read_file(&root.dir, &root.path, &rel, MAX_BIG_DATA_LEN)
         };
         let config_key = format!("sha256:{}", image.id);
         let config = big_data(&config_key)?.with_context(|| {
@@ -154,20 +300,87 @@ impl CstorBackend {
         Ok((image, manifest, config))
     }
 
-    /// All layer records, by id, under the layers lock.
+    /// Read-lock every layer store, in search order.
+    fn lock_layer_stores(&self) -> anyhow::Result<Vec<store::ReadGuard<'_>>> {
+        self.layer_stores
+            .iter()
+            .flat_map(|s| &s.locks)
+            .map(StoreLock::read)
+            .collect()
+    }
+
+    /// The records of layer store `index`, in the order read (the caller holds its locks).
+    fn layer_records(&self, index: usize) -> anyhow::Result<Vec<LayerRecord>> {
+        let mut out = Vec::new();
+        for &(root, rel) in &self.layer_stores[index].records {
+            let root = &self.roots[root];
+            out.extend(read_records::<LayerRecord>(&root.dir, &root.path, rel)?);
+        }
+        Ok(out)
+    }
+
+    /// All layer records, by id, the first store's record of an id winning, under the layer
+    /// stores' locks.
     fn read_layers(&self) -> anyhow::Result<HashMap<String, LayerRecord>> {
-        let _guard = self.layers_lock.read()?;
+        let _guards = self.lock_layer_stores()?;
         let mut by_id = HashMap::new();
-        for rel in [
-            "overlay-layers/layers.json",
-            "overlay-layers/volatile-layers.json",
-        ] {
-            for layer in read_records::<LayerRecord>(&self.root, self.graphroot(), rel)? {
-                by_id.insert(layer.id.clone(), layer);
+        for index in 0..self.layer_stores.len() {
+            for layer in self.layer_records(index)? {
+                by_id.entry(layer.id.clone()).or_insert(layer);
             }
         }
         Ok(by_id)
     }
+
+    /// The layer store that holds `layer_id` now (the caller holds the layer stores' locks):
+    /// the first that records it, as containers/storage looks a layer up each time it reads
+    /// one. With one layer store there is nothing to choose.
+    fn layer_store_of(&self, layer_id: &str) -> anyhow::Result<usize> {
+        if self.layer_stores.len() == 1 {
+            return Ok(0);
+        }
+        for index in 0..self.layer_stores.len() {
+            if self.layer_records(index)?.iter().any(|l| l.id == layer_id) {
+                return Ok(index);
+            }
+        }
+        bail!("layer {layer_id} is no longer in {}", self.describe())
+    }
+
+    /// The `overlay/` directories that may hold diff dirs, in search order. Only this one step
+    /// may cross a mount: containers-storage bind-mounts `overlay` onto itself while anything
+    /// is mounted; everything beneath it must not.
+    fn overlay_dirs(&self) -> anyhow::Result<Vec<OverlayDir<'_>>> {
+        let mut out = Vec::new();
+        for &index in &self.diff_roots {
+            let root = &self.roots[index];
+            let dir = match rustix::fs::openat2(
+                &root.dir,
+                "overlay",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Ok(dir) => Some(dir),
+                // A store that holds no layer yet (containers/storage makes it on first use,
+                // which a reader must not), or whose images' layers all live elsewhere.
+                Err(Errno::NOENT) => None,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("opening {}", root.path.join("overlay").display())
+                    });
+                }
+            };
+            out.push(OverlayDir { root, dir });
+        }
+        Ok(out)
+    }
+}
+
+/// The `overlay/` directory of a root, `None` where it has none.
+struct OverlayDir<'a> {
+    root: &'a Root,
+    dir: Option<OwnedFd>,
 }
 
 fn sha256_digest(data: &[u8]) -> String {
@@ -184,7 +397,12 @@ impl Backend for CstorBackend {
     }
 
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError> {
+        self.open_image_at(reference).map(|(image, _)| image)
+    }
+
+    fn open_image_at(&self, reference: &str) -> Result<(OpenedImage, PathBuf), BackendError> {
         let (image, stored_manifest, config) = self.read_image(reference)?;
+        let store_root = self.image_store_root(image.store).path.clone();
         let id = &image.id;
         let config_digest = sha256_digest(&config);
         if config_digest != format!("sha256:{id}") {
@@ -239,7 +457,7 @@ impl Backend for CstorBackend {
             });
         }
         manifest::check_layers(id, &stored_manifest.parsed, &chain, &diff_ids, &layers)?;
-        Ok(OpenedImage {
+        let opened = OpenedImage {
             image_id: id.clone(),
             manifest_digest: stored_manifest.digest,
             manifest,
@@ -247,7 +465,8 @@ impl Backend for CstorBackend {
             config,
             layers: infos,
             locators,
-        })
+        };
+        Ok((opened, store_root))
     }
 
     fn stream_layer(
@@ -271,11 +490,12 @@ impl Backend for CstorBackend {
         for parent in parents {
             validate_id("layer", parent)?;
         }
-        // Held for the whole stream, as podman's own readers hold it, so the layer cannot be
+        // Held for the whole stream, as podman's own readers hold them, so the layer cannot be
         // deleted while its files are being opened (fds already handed out stay valid anyway).
-        let _guard = self.layers_lock.read()?;
+        let _guards = self.lock_layer_stores()?;
+        let home = &self.roots[self.layer_stores[self.layer_store_of(layer_id)?].root];
         let tar_split_rel = format!("overlay-layers/{layer_id}.tar-split.gz");
-        let tar_split = match open_beneath(&self.root, &tar_split_rel) {
+        let tar_split = match open_beneath(&home.dir, &tar_split_rel) {
             Ok(f) => f,
             // containers/storage then rebuilds a tar from the diff dir, which is not the
             // layer's original tar and does not hash to its diff_id.
@@ -286,28 +506,16 @@ impl Backend for CstorBackend {
             ),
             Err(e) => {
                 return Err(e).with_context(|| {
-                    format!(
-                        "opening {}",
-                        self.graphroot().join(&tar_split_rel).display()
-                    )
+                    format!("opening {}", home.path.join(&tar_split_rel).display())
                 });
             }
         };
-        // containers-storage bind-mounts `overlay` onto itself while anything is mounted, so
-        // this one step must cross a mount; everything beneath it must not.
-        let overlay = rustix::fs::openat2(
-            &self.root,
-            "overlay",
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
-        )
-        .with_context(|| format!("opening {}", self.graphroot().join("overlay").display()))?;
+        let overlays = self.overlay_dirs()?;
         let mut files = LayerFiles {
             layer_id,
-            diff: open_diff(&overlay, layer_id)?,
+            diff: open_diff(&overlays, layer_id)?,
             parents: parents.iter().map(|p| (p.as_str(), None)).collect(),
-            overlay,
+            overlays,
         };
         let mut out = InlineBatch {
             sink,
@@ -441,15 +649,38 @@ fn sending(layer_id: &str) -> String {
     format!("sending layer {layer_id}")
 }
 
-fn open_diff(overlay: &OwnedFd, layer_id: &str) -> anyhow::Result<OwnedFd> {
-    rustix::fs::openat2(
-        overlay,
-        format!("{layer_id}/diff"),
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-        RESOLVE_STRICT,
+/// The diff dir of `layer_id`: the first of `overlays` that has it, as the overlay driver's
+/// `dir2` looks.
+fn open_diff(overlays: &[OverlayDir<'_>], layer_id: &str) -> anyhow::Result<OwnedFd> {
+    for overlay in overlays {
+        let Some(dir) = &overlay.dir else { continue };
+        match rustix::fs::openat2(
+            dir,
+            format!("{layer_id}/diff"),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+            RESOLVE_STRICT,
+        ) {
+            Ok(fd) => return Ok(fd),
+            Err(Errno::NOENT) => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "opening the diff dir of layer {layer_id} in {}",
+                        overlay.root.path.join("overlay").display()
+                    )
+                });
+            }
+        }
+    }
+    let searched: Vec<String> = overlays
+        .iter()
+        .map(|o| o.root.path.join("overlay").display().to_string())
+        .collect();
+    bail!(
+        "layer {layer_id} has no diff dir in {}",
+        searched.join(" or ")
     )
-    .with_context(|| format!("opening the diff dir of layer {layer_id}"))
 }
 
 /// A layer's diff dir and, opened on demand, its parents' (for metacopy stubs).
@@ -458,7 +689,7 @@ struct LayerFiles<'a> {
     diff: OwnedFd,
     /// Parent layer ids, nearest first, with their diff dirs once opened.
     parents: Vec<(&'a str, Option<OwnedFd>)>,
-    overlay: OwnedFd,
+    overlays: Vec<OverlayDir<'a>>,
 }
 
 impl LayerFiles<'_> {
@@ -480,7 +711,7 @@ impl LayerFiles<'_> {
         for (parent_id, parent_diff) in &mut self.parents {
             let dir = match parent_diff {
                 Some(d) => d,
-                None => parent_diff.insert(open_diff(&self.overlay, parent_id)?),
+                None => parent_diff.insert(open_diff(&self.overlays, parent_id)?),
             };
             let Some(lower) = open_file(dir, &rel)? else {
                 continue;

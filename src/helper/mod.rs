@@ -101,6 +101,19 @@ pub trait Backend: Send + Sync {
     /// [`BackendError::ImageNotFound`] when it does not resolve.
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError>;
 
+    /// [`open_image`](Self::open_image), and the directory the image is served from:
+    /// [`root`](Self::root), unless the backend serves images from more than one (a
+    /// containers-storage store with additional image stores).
+    ///
+    /// # Errors
+    /// As [`open_image`](Self::open_image).
+    fn open_image_at(
+        &self,
+        reference: &str,
+    ) -> Result<(OpenedImage, std::path::PathBuf), BackendError> {
+        Ok((self.open_image(reference)?, self.root().to_owned()))
+    }
+
     /// Produce layer `index` of `image` into `sink`, bodies of at most `inline_threshold` bytes
     /// inline. Returns the number of tar entries written.
     ///
@@ -192,7 +205,8 @@ pub fn is_privileged() -> bool {
 }
 
 /// A privileged helper serving an unprivileged client (through `sudo`, `run0`, …) serves only
-/// stores whose root directory belongs to root: in a store an unprivileged user owns, hard
+/// stores whose root directories belong to root (for containers-storage: the graph root, the
+/// image store and every additional image store): in a store an unprivileged user owns, hard
 /// links planted by that user could make the helper open files the client may not read.
 ///
 /// # Errors
@@ -202,22 +216,28 @@ pub fn check_store_for_client(store: &Store, client_uid: Option<u32>) -> anyhow:
     if !is_privileged() || client_uid == Some(0) {
         return Ok(());
     }
-    let root = match store {
+    let roots: Vec<std::path::PathBuf> = match store {
         Store::ContainersStorage { .. } => {
-            cstor::config::resolve(store, &cstor::config::StorageEnv::from_process())?.graphroot
+            cstor::config::resolve(store, &cstor::config::StorageEnv::from_process())?
+                .roots()
+                .map(std::path::Path::to_owned)
+                .collect()
         }
-        Store::OciLayout { dir } => dir.clone(),
+        Store::OciLayout { dir } => vec![dir.clone()],
     };
-    let st = rustix::fs::stat(&root).with_context(|| format!("inspecting {}", root.display()))?;
     let client = client_uid.map_or_else(|| "an unknown uid".to_owned(), |u| format!("uid {u}"));
-    anyhow::ensure!(
-        st.st_uid == 0,
-        "refusing to serve {} as a privileged helper for {client}: it belongs to uid {}, an \
-         unprivileged user, whose hard links could expose files the client may not read; read \
-         a user's own store without a privileged helper (rootless)",
-        root.display(),
-        st.st_uid
-    );
+    for root in roots {
+        let st =
+            rustix::fs::stat(&root).with_context(|| format!("inspecting {}", root.display()))?;
+        anyhow::ensure!(
+            st.st_uid == 0,
+            "refusing to serve {} as a privileged helper for {client}: it belongs to uid {}, an \
+             unprivileged user, whose hard links could expose files the client may not read; \
+             read a user's own store without a privileged helper (rootless)",
+            root.display(),
+            st.st_uid
+        );
+    }
     Ok(())
 }
 

@@ -400,9 +400,10 @@ impl Session {
             Ok(b) => b,
             Err(e) => return Outcome::Error(e),
         };
-        let store_root = backend.root().to_str().map(str::to_owned);
-        let opened = match backend.open_image(reference) {
-            Ok(o) => o,
+        // The store the image was found in: with additional image stores, not always the
+        // backend's root.
+        let (opened, store_root) = match backend.open_image_at(reference) {
+            Ok((o, root)) => (o, root.to_str().map(str::to_owned)),
             Err(BackendError::ImageNotFound(m)) => {
                 return Outcome::Error(RpcError::new(code::IMAGE_NOT_FOUND, m));
             }

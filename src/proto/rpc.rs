@@ -229,8 +229,9 @@ pub struct OpenImageResult {
     pub config_digest: String,
     /// Layers, base first.
     pub layers: Vec<LayerInfo>,
-    /// The directory the helper serves this image from, as it resolved it: the store's graph
-    /// root, or the OCI layout. Absent when not valid UTF-8. Clients use it to judge who could
+    /// The directory the helper serves this image from, as it resolved it: the OCI layout, or
+    /// the root of the containers-storage store the image was found in (the graph root, the
+    /// image store, or an additional image store). Absent when not valid UTF-8. Clients use it to judge who could
     /// change the files they receive, and MUST NOT rely on it beyond what they check
     /// themselves.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -67,6 +67,9 @@ pub(crate) struct ImageRecord {
     /// The top layer.
     #[serde(default)]
     pub layer: Option<String>,
+    /// Index of the image store this record was read from, in search order.
+    #[serde(skip)]
+    pub store: usize,
 }
 
 impl ImageRecord {
@@ -318,10 +321,19 @@ fn stored_repo(name: &str) -> &str {
     split_tag(name).0
 }
 
-/// Resolve `reference` among `images` as podman does: a full id (optionally `sha256:` or `@`
+/// The images of `found` with distinct ids, the first of each kept: the same image in more than
+/// one store is one image (served from the first store that has it).
+fn distinct<'a>(found: impl Iterator<Item = &'a ImageRecord>) -> Vec<&'a ImageRecord> {
+    let mut seen = HashSet::new();
+    found.filter(|i| seen.insert(i.id.as_str())).collect()
+}
+
+/// Resolve `reference` among `images` (every store's, in search order) as podman does: a full id (optionally `sha256:` or `@`
 /// prefixed), then names (`name[:tag]`, short names qualified with `localhost/` and
 /// `docker.io/library/` or matched on their last path components), `name@sha256:…` by image
-/// digest, and finally a unique id prefix of at least [`MIN_ID_PREFIX`] hex digits.
+/// digest, and finally a unique id prefix of at least [`MIN_ID_PREFIX`] hex digits. An exact
+/// id or name takes the first store's match, as containers/storage looks in each image store in
+/// turn; the other rules see the images of all stores at once, as libimage lists them.
 pub(crate) fn resolve_reference<'a>(
     images: &'a [ImageRecord],
     reference: &str,
@@ -359,11 +371,12 @@ pub(crate) fn resolve_reference<'a>(
     if let Some((name, digest)) = reference.split_once('@') {
         // name[:tag]@sha256:… — the tag is ignored, as podman does when a digest is given.
         let (repo, _tag) = split_tag(name);
-        let found: Vec<&ImageRecord> = images
-            .iter()
-            .filter(|i| i.has_manifest_digest(digest))
-            .filter(|i| repo.is_empty() || names_match_repo(i, repo))
-            .collect();
+        let found = distinct(
+            images
+                .iter()
+                .filter(|i| i.has_manifest_digest(digest))
+                .filter(|i| repo.is_empty() || names_match_repo(i, repo)),
+        );
         return match found.as_slice() {
             [one] => Ok(one),
             [] => Err(not_found()),
@@ -380,15 +393,12 @@ pub(crate) fn resolve_reference<'a>(
     }
     if !has_domain(repo) {
         let suffix = format!("/{repo}");
-        let found: Vec<&ImageRecord> = images
-            .iter()
-            .filter(|i| {
-                i.names.iter().any(|n| {
-                    let (r, t) = split_tag(n.split_once('@').map_or(n.as_str(), |(n, _)| n));
-                    t == tag && r.ends_with(&suffix)
-                })
+        let found = distinct(images.iter().filter(|i| {
+            i.names.iter().any(|n| {
+                let (r, t) = split_tag(n.split_once('@').map_or(n.as_str(), |(n, _)| n));
+                t == tag && r.ends_with(&suffix)
             })
-            .collect();
+        }));
         match found.as_slice() {
             [one] => return Ok(one),
             [] => {}
@@ -400,7 +410,7 @@ pub(crate) fn resolve_reference<'a>(
         && bare.len() < ID_LEN
         && bare.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     {
-        let found: Vec<&ImageRecord> = images.iter().filter(|i| i.id.starts_with(bare)).collect();
+        let found = distinct(images.iter().filter(|i| i.id.starts_with(bare)));
         return match found.as_slice() {
             [one] => Ok(one),
             [] => Err(not_found()),
@@ -431,6 +441,7 @@ mod tests {
             digests: vec![],
             big_data_digests: HashMap::new(),
             layer: None,
+            store: 0,
         }
     }
 
@@ -496,6 +507,37 @@ mod tests {
         assert_eq!(found.unwrap().id, "c".repeat(64));
         // Only manifests count: a config (or any other item) with that digest does not.
         assert!(resolve_reference(&images, &format!("quay.io/org/tool@{d1}"), "s").is_err());
+    }
+
+    #[test]
+    fn resolves_across_stores_in_search_order() {
+        let d1 = format!("sha256:{}", "1".repeat(64));
+        let in_store = |store, id, names: &[&str]| ImageRecord {
+            store,
+            ..image(id, names, &d1)
+        };
+        let images = vec![
+            in_store(0, 'a', &["docker.io/library/app:latest"]),
+            in_store(0, 'b', &[]),
+            in_store(1, 'c', &["localhost/app:latest"]),
+            // The same image in two stores: the name only the second store gives it finds it
+            // there; otherwise it is one image, not two.
+            in_store(1, 'b', &["quay.io/org/b:1"]),
+            in_store(2, 'a', &["docker.io/library/app:latest"]),
+        ];
+        let found = |r: &str| {
+            resolve_reference(&images, r, "s")
+                .map(|i| (i.id[..1].to_owned(), i.store))
+                .unwrap_or_else(|e| panic!("{r}: {e}"))
+        };
+        // localhost/ is the first candidate of a short name, whatever store has it.
+        assert_eq!(found("app"), ("c".into(), 1));
+        assert_eq!(found("docker.io/library/app"), ("a".into(), 0));
+        assert_eq!(found(&"a".repeat(64)), ("a".into(), 0));
+        assert_eq!(found("quay.io/org/b:1"), ("b".into(), 1));
+        assert_eq!(found("b:1"), ("b".into(), 1));
+        assert_eq!(found("bbb"), ("b".into(), 0));
+        assert_eq!(found(&format!("org/b@{d1}")), ("b".into(), 1));
     }
 
     #[test]

@@ -248,7 +248,7 @@ fn old_gnu_sparse(
     let mut exts: Vec<[u8; BLOCK_LEN]> = Vec::new();
     let mut more = header[IS_EXTENDED] != 0;
     while more {
-        if exts.len() >= ptar::MAX_SPARSE_SEGMENTS / 21 + 1 {
+        if exts.len() > ptar::MAX_SPARSE_SEGMENTS / 21 {
             return Err(skip("too many sparse extension blocks"));
         }
         let mut b = [0u8; BLOCK_LEN];
