@@ -15,12 +15,14 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use sha2::{Digest, Sha256};
+use oci_spec::image::{Digest, DigestAlgorithm, ImageConfiguration};
+use sha2::{Digest as _, Sha256};
 
 use crate::client::{LayerItem, Proxy, ProxyConfig, UsernsMode};
 use crate::proto::rpc::{self, LayerInfo, LayerSelector};
@@ -418,13 +420,13 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
             image.manifest_digest
         );
     }
-    let config: serde_json::Value =
-        serde_json::from_str(&image.config).context("parsing image config")?;
-    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .ok_or_else(|| anyhow!("image {}: config has no rootfs.diff_ids", image.image_id))?
+    let config: ImageConfiguration = serde_json::from_str(&image.config)
+        .with_context(|| format!("image {}: parsing its config", image.image_id))?;
+    let diff_ids: Vec<&str> = config
+        .rootfs()
+        .diff_ids()
         .iter()
-        .map(|v| v.as_str().unwrap_or_default())
+        .map(String::as_str)
         .collect();
     let served: Vec<&str> = image.layers.iter().map(|l| l.diff_id.as_str()).collect();
     if diff_ids != served {
@@ -434,12 +436,9 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
         );
     }
     for l in &image.layers {
-        let hex = l.diff_id.strip_prefix("sha256:").unwrap_or_default();
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        let sha256 =
+            Digest::from_str(&l.diff_id).is_ok_and(|d| *d.algorithm() == DigestAlgorithm::Sha256);
+        if !sha256 {
             bail!(
                 "image {}: layer diff_id {:?} is not a sha256 digest",
                 image.image_id,
