@@ -32,10 +32,16 @@ use crate::repo::{
     BodyPool, HashAlg, ObjectId, RepoError, RepoOptions, Repository, SourceTrust, with_body_pool,
 };
 
-/// Receives progress reports; the CLI draws a bar from them. All methods default to nothing.
+/// Receives progress reports; the CLI draws progress bars from them. All methods default to
+/// nothing. Layers are imported in parallel, so the methods are called from several threads;
+/// each layer's calls come from one thread, in order: [`layer_started`](Self::layer_started),
+/// [`advance`](Self::advance)…, [`layer_done`](Self::layer_done).
 pub trait Progress: Sync {
-    /// The image resolved; `todo` layers will be imported (the others are present already).
-    fn image(&self, _layers: &[LayerInfo], _todo: usize) {}
+    /// The image resolved (`layers`, base first); the layers at indices `todo` will be imported,
+    /// in that order as far as workers allow (the others are present already).
+    fn image(&self, _layers: &[LayerInfo], _todo: &[usize]) {}
+    /// Layer `index` is being requested from the helper.
+    fn layer_started(&self, _index: usize) {}
     /// `bytes` of layer `index` were imported, and `files` more bodies.
     fn advance(&self, _index: usize, _bytes: u64, _files: u64) {}
     /// Layer `index` finished (successfully or not).
@@ -221,7 +227,7 @@ pub fn pull(
     // Largest first: the biggest layer bounds the wall time, so it must not start last
     // (longest-processing-time-first scheduling over the workers).
     todo.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].size.unwrap_or(0)));
-    progress.image(&image.layers, todo.len());
+    progress.image(&image.layers, &todo);
 
     let threshold = opts
         .inline_threshold
@@ -260,6 +266,7 @@ pub fn pull(
                 cores,
                 window_files: fds.window,
             };
+            progress.layer_started(index);
             let r = import_layer(
                 &repo, &bodies, proxy, handle, index, layer, threshold, trust, progress, &counts,
             )
