@@ -4,12 +4,15 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use indicatif::{
+    HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle,
+};
 
 use splitfdstream::client::{Proxy, ProxyConfig, UsernsMode};
 use splitfdstream::proto::rpc::LayerInfo;
@@ -355,70 +358,175 @@ fn tar(
     proxy.shutdown()
 }
 
-/// Progress on stderr when it is a terminal: one line, redrawn at most every 100 ms.
-struct Bar {
-    total_bytes: AtomicU64,
-    bytes: AtomicU64,
-    files: AtomicU64,
-    layers: AtomicU64,
-    todo: AtomicU64,
-    last: Mutex<Instant>,
+/// Progress of `pull` on stderr (only when it is a terminal and without `--json`): one line per
+/// layer being imported (bytes, files, rate, and a bar where the layer's size is known), then a
+/// total line (layers, bytes, files, rate, and a bar and ETA where every size is known).
+/// Finished layers leave the display; all of it is cleared before the summary is printed.
+struct PullBars {
+    multi: MultiProgress,
+    /// Bodies imported so far, all layers.
+    files: Arc<AtomicU64>,
+    /// Layers finished so far.
+    done: Arc<AtomicU64>,
+    /// The total line and one entry per layer of the image, set by `image`.
+    image: OnceLock<(ProgressBar, Vec<LayerBar>)>,
 }
 
-impl Bar {
-    fn draw(&self, force: bool) {
-        let Ok(mut last) = self.last.try_lock() else {
+/// A layer's line, shown while it is imported.
+struct LayerBar {
+    /// `layer N <first 12 hex digits of the diff_id>`.
+    label: String,
+    /// The uncompressed size, where the store records it.
+    size: Option<u64>,
+    /// Bodies imported so far.
+    files: Arc<AtomicU64>,
+    bar: OnceLock<ProgressBar>,
+}
+
+/// Line templates. `{files}` and `{layers}` are keys of our own (see [`counter_key`]).
+const LAYER_KNOWN: &str = "{prefix}  {bytes:>10} / {total_bytes:<10}  {files:>6} files  \
+                           {binary_bytes_per_sec:>12}  [{wide_bar}]";
+const LAYER_UNKNOWN: &str = "{prefix}  {bytes:>10}  {files:>6} files  {binary_bytes_per_sec:>12}";
+const TOTAL_KNOWN: &str = "total {layers} layers  {bytes:>10} / {total_bytes:<10}  {files:>6} \
+                           files  {binary_bytes_per_sec:>12}  ETA {eta:<4} [{wide_bar}]";
+const TOTAL_UNKNOWN: &str =
+    "total {layers} layers  {bytes:>10}  {files:>6} files  {binary_bytes_per_sec:>12}";
+
+/// Every line is redrawn this often, by indicatif's ticker threads; increments only count
+/// (with a ticker, `ProgressBar::inc` does not draw, so the importing threads never wait for
+/// the terminal). A layer busy with one large body still shows its rate falling. indicatif's
+/// stderr target writes at most 20 frames a second, whatever the number of lines.
+const TICK: Duration = Duration::from_millis(100);
+
+/// A template key that prints `counter` (and, with `of`, `/of`).
+fn counter_key(
+    counter: Arc<AtomicU64>,
+    of: Option<u64>,
+) -> impl Fn(&ProgressState, &mut dyn std::fmt::Write) + Clone + Send + Sync + 'static {
+    move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        let _ = write!(w, "{}", counter.load(Ordering::Relaxed));
+        if let Some(of) = of {
+            let _ = write!(w, "/{of}");
+        }
+    }
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("the progress templates are valid")
+        .progress_chars("=> ")
+}
+
+impl PullBars {
+    fn new() -> Self {
+        PullBars {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            files: Arc::new(AtomicU64::new(0)),
+            done: Arc::new(AtomicU64::new(0)),
+            image: OnceLock::new(),
+        }
+    }
+
+    /// Remove every line (before the summary or an error is printed).
+    fn clear(&self) {
+        if let Some((total, layers)) = self.image.get() {
+            for bar in layers.iter().filter_map(|l| l.bar.get()) {
+                bar.finish_and_clear();
+            }
+            total.finish_and_clear();
+        }
+        let _ = self.multi.clear();
+    }
+
+    fn layer(&self, index: usize) -> Option<&LayerBar> {
+        self.image.get().and_then(|(_, layers)| layers.get(index))
+    }
+}
+
+impl Progress for PullBars {
+    fn image(&self, layers: &[LayerInfo], todo: &[usize]) {
+        let bars = layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let hex = l.diff_id.strip_prefix("sha256:").unwrap_or(&l.diff_id);
+                LayerBar {
+                    label: format!("layer {i} {}", hex.get(..12).unwrap_or(hex)),
+                    size: l.size,
+                    files: Arc::new(AtomicU64::new(0)),
+                    bar: OnceLock::new(),
+                }
+            })
+            .collect();
+        // A bar and an ETA only when every layer to import has a known size.
+        let known: Option<u64> = todo
+            .iter()
+            .map(|&i| layers.get(i).and_then(|l| l.size))
+            .sum();
+        let (total, template) = match known {
+            Some(bytes) => (ProgressBar::new(bytes), TOTAL_KNOWN),
+            None => (ProgressBar::no_length(), TOTAL_UNKNOWN),
+        };
+        let total = self.multi.add(
+            total.with_style(
+                style(template)
+                    .with_key("files", counter_key(self.files.clone(), None))
+                    .with_key(
+                        "layers",
+                        counter_key(self.done.clone(), Some(todo.len() as u64)),
+                    ),
+            ),
+        );
+        total.enable_steady_tick(TICK);
+        let _ = self.image.set((total, bars));
+    }
+
+    fn layer_started(&self, index: usize) {
+        let Some((total, layers)) = self.image.get() else {
             return;
         };
-        if !force && last.elapsed() < Duration::from_millis(100) {
+        let Some(layer) = layers.get(index) else {
             return;
+        };
+        let (bar, template) = match layer.size {
+            Some(size) => (ProgressBar::new(size), LAYER_KNOWN),
+            None => (ProgressBar::no_length(), LAYER_UNKNOWN),
+        };
+        let bar = self.multi.insert_before(
+            total,
+            bar.with_style(
+                style(template).with_key("files", counter_key(layer.files.clone(), None)),
+            )
+            .with_prefix(layer.label.clone()),
+        );
+        bar.enable_steady_tick(TICK);
+        let _ = layer.bar.set(bar);
+    }
+
+    fn advance(&self, index: usize, bytes: u64, files: u64) {
+        let Some((total, layers)) = self.image.get() else {
+            return;
+        };
+        if let Some(layer) = layers.get(index) {
+            if files > 0 {
+                layer.files.fetch_add(files, Ordering::Relaxed);
+            }
+            if let Some(bar) = layer.bar.get() {
+                bar.inc(bytes);
+            }
         }
-        *last = Instant::now();
-        let (b, t) = (
-            self.bytes.load(Ordering::Relaxed),
-            self.total_bytes.load(Ordering::Relaxed),
-        );
-        let pct = b.saturating_mul(100).checked_div(t).unwrap_or(0);
-        eprint!(
-            "\r\x1b[2Klayers {}/{}  {} / {} ({pct}%)  {} files",
-            self.layers.load(Ordering::Relaxed),
-            self.todo.load(Ordering::Relaxed),
-            human(b),
-            human(t),
-            self.files.load(Ordering::Relaxed)
-        );
+        if files > 0 {
+            self.files.fetch_add(files, Ordering::Relaxed);
+        }
+        total.inc(bytes);
     }
-}
 
-impl Progress for Bar {
-    fn image(&self, layers: &[LayerInfo], todo: usize) {
-        self.todo.store(todo as u64, Ordering::Relaxed);
-        let _ = layers;
-        self.draw(true);
-    }
-    fn advance(&self, _index: usize, bytes: u64, files: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.files.fetch_add(files, Ordering::Relaxed);
-        self.draw(false);
-    }
-    fn layer_done(&self, _index: usize) {
-        self.layers.fetch_add(1, Ordering::Relaxed);
-        self.draw(true);
-    }
-}
-
-fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
+    fn layer_done(&self, index: usize) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        if let Some(bar) = self.layer(index).and_then(|l| l.bar.get()) {
+            bar.finish_and_clear();
+            self.multi.remove(bar);
+        }
     }
 }
 
@@ -445,23 +553,16 @@ fn raise_fd_limit() {
 fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyhow::Result<()> {
     use std::io::IsTerminal;
     raise_fd_limit();
-    let bar = Bar {
-        total_bytes: AtomicU64::new(0),
-        bytes: AtomicU64::new(0),
-        files: AtomicU64::new(0),
-        layers: AtomicU64::new(0),
-        todo: AtomicU64::new(0),
-        last: Mutex::new(Instant::now()),
-    };
-    let tty = io::stderr().is_terminal();
-    let result = if tty {
-        splitfdstream::pull::pull(source, repo, opts, &TotalFromImage(&bar))
+    // Progress only for a person watching: not for `--json` (a program reads the result) and
+    // not when stderr is a file or a pipe.
+    let result = if !json && io::stderr().is_terminal() {
+        let bars = PullBars::new();
+        let result = splitfdstream::pull::pull(source, repo, opts, &bars);
+        bars.clear();
+        result
     } else {
         splitfdstream::pull::pull(source, repo, opts, &splitfdstream::pull::NoProgress)
     };
-    if tty {
-        eprint!("\r\x1b[2K");
-    }
     let s = result?;
     let imported = s
         .layers
@@ -508,7 +609,7 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
         source,
         s.tag,
         s.layers.len(),
-        human(bytes),
+        HumanBytes(bytes),
         s.objects.reflinked,
         s.objects.copied,
         s.objects.reused,
@@ -519,21 +620,4 @@ fn pull(source: &ImageRef, repo: &Path, opts: &PullOptions, json: bool) -> anyho
             .unwrap_or_default()
     );
     Ok(())
-}
-
-/// Sets the bar's total from the image's layer sizes before forwarding.
-struct TotalFromImage<'a>(&'a Bar);
-
-impl Progress for TotalFromImage<'_> {
-    fn image(&self, layers: &[LayerInfo], todo: usize) {
-        let total = layers.iter().filter_map(|l| l.size).sum();
-        self.0.total_bytes.store(total, Ordering::Relaxed);
-        self.0.image(layers, todo);
-    }
-    fn advance(&self, index: usize, bytes: u64, files: u64) {
-        self.0.advance(index, bytes, files);
-    }
-    fn layer_done(&self, index: usize) {
-        self.0.layer_done(index);
-    }
 }

@@ -15,12 +15,14 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
-use sha2::{Digest, Sha256};
+use oci_spec::image::{Digest, DigestAlgorithm, ImageConfiguration};
+use sha2::{Digest as _, Sha256};
 
 use crate::client::{LayerItem, Proxy, ProxyConfig, UsernsMode};
 use crate::proto::rpc::{self, LayerInfo, LayerSelector};
@@ -30,10 +32,16 @@ use crate::repo::{
     BodyPool, HashAlg, ObjectId, RepoError, RepoOptions, Repository, SourceTrust, with_body_pool,
 };
 
-/// Receives progress reports; the CLI draws a bar from them. All methods default to nothing.
+/// Receives progress reports; the CLI draws progress bars from them. All methods default to
+/// nothing. Layers are imported in parallel, so the methods are called from several threads;
+/// each layer's calls come from one thread, in order: [`layer_started`](Self::layer_started),
+/// [`advance`](Self::advance)…, [`layer_done`](Self::layer_done).
 pub trait Progress: Sync {
-    /// The image resolved; `todo` layers will be imported (the others are present already).
-    fn image(&self, _layers: &[LayerInfo], _todo: usize) {}
+    /// The image resolved (`layers`, base first); the layers at indices `todo` will be imported,
+    /// in that order as far as workers allow (the others are present already).
+    fn image(&self, _layers: &[LayerInfo], _todo: &[usize]) {}
+    /// Layer `index` is being requested from the helper.
+    fn layer_started(&self, _index: usize) {}
     /// `bytes` of layer `index` were imported, and `files` more bodies.
     fn advance(&self, _index: usize, _bytes: u64, _files: u64) {}
     /// Layer `index` finished (successfully or not).
@@ -219,7 +227,7 @@ pub fn pull(
     // Largest first: the biggest layer bounds the wall time, so it must not start last
     // (longest-processing-time-first scheduling over the workers).
     todo.sort_by_key(|&i| std::cmp::Reverse(image.layers[i].size.unwrap_or(0)));
-    progress.image(&image.layers, todo.len());
+    progress.image(&image.layers, &todo);
 
     let threshold = opts
         .inline_threshold
@@ -258,6 +266,7 @@ pub fn pull(
                 cores,
                 window_files: fds.window,
             };
+            progress.layer_started(index);
             let r = import_layer(
                 &repo, &bodies, proxy, handle, index, layer, threshold, trust, progress, &counts,
             )
@@ -425,13 +434,13 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
             image.manifest_digest
         );
     }
-    let config: serde_json::Value =
-        serde_json::from_str(&image.config).context("parsing image config")?;
-    let diff_ids: Vec<&str> = config["rootfs"]["diff_ids"]
-        .as_array()
-        .ok_or_else(|| anyhow!("image {}: config has no rootfs.diff_ids", image.image_id))?
+    let config: ImageConfiguration = serde_json::from_str(&image.config)
+        .with_context(|| format!("image {}: parsing its config", image.image_id))?;
+    let diff_ids: Vec<&str> = config
+        .rootfs()
+        .diff_ids()
         .iter()
-        .map(|v| v.as_str().unwrap_or_default())
+        .map(String::as_str)
         .collect();
     let served: Vec<&str> = image.layers.iter().map(|l| l.diff_id.as_str()).collect();
     if diff_ids != served {
@@ -441,12 +450,9 @@ fn check_image(image: &rpc::OpenImageResult) -> anyhow::Result<()> {
         );
     }
     for l in &image.layers {
-        let hex = l.diff_id.strip_prefix("sha256:").unwrap_or_default();
-        if hex.len() != 64
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        let sha256 =
+            Digest::from_str(&l.diff_id).is_ok_and(|d| *d.algorithm() == DigestAlgorithm::Sha256);
+        if !sha256 {
             bail!(
                 "image {}: layer diff_id {:?} is not a sha256 digest",
                 image.image_id,

@@ -669,3 +669,224 @@ with open(sys.argv[1], "wb") as f:
     assert!(!images.contains("weird"), "{images}");
     fsck_ok(&cfsctl, &repo);
 }
+
+/// Quote `s` for `sh -c`.
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Run `sh -c SCRIPT` under a pseudo-terminal of 120 columns (util-linux `script`), so that
+/// stdout and stderr are terminals unless SCRIPT redirects them; everything written to the
+/// terminal, as written. `None` (after a SKIP) without `script`.
+fn in_pty(script: &str) -> Option<String> {
+    let full = format!("stty cols 120 rows 40 && {script}");
+    let out = match Command::new("script")
+        .args(["-qec", &full, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("SKIP: script (util-linux) is not installed");
+            return None;
+        }
+        Err(e) => panic!("running script: {e}"),
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{script}: {}\n{text}", out.status);
+    Some(text)
+}
+
+/// `text` without CSI escape sequences (cursor moves, line clears), `\r` turned into `\n`.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                if chars.next_if_eq(&'[').is_some() {
+                    // Parameters and intermediates, then one final byte in @..~.
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => out.push('\n'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A byte count as indicatif prints it (`0 B`, `1.50 KiB`, `3.13 MiB`) at the start of `s`
+/// (after spaces), and the rest of `s`.
+fn byte_count(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    let digits = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|&n| n > 0)?;
+    let after = ["B", "KiB", "MiB", "GiB", "TiB"]
+        .into_iter()
+        .find_map(|unit| s[digits..].strip_prefix(' ')?.strip_prefix(unit))
+        .filter(|after| after.is_empty() || after.starts_with([' ', '\n']))?;
+    Some((&s[..s.len() - after.len()], after))
+}
+
+/// Whether `line` is the total line: `total DONE/TODO layers`, bytes, files, rate and ETA.
+fn is_total_line(line: &str, todo: usize) -> bool {
+    let Some((layers, rest)) = line
+        .strip_prefix("total ")
+        .and_then(|l| l.split_once(" layers"))
+    else {
+        return false;
+    };
+    let layers_ok = layers
+        .split_once('/')
+        .is_some_and(|(done, all)| done.parse::<usize>().is_ok() && all == todo.to_string());
+    layers_ok
+        && byte_count(rest).is_some()
+        && rest.contains(" files ")
+        && rest.contains("/s")
+        && rest.contains("ETA ")
+}
+
+#[test]
+fn progress_only_on_a_terminal_and_never_with_json() {
+    let Some((f, _)) = tools() else { return };
+    let image = f.image("basic");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let pull_cmd = |repo: &Path, extra: &str| {
+        format!(
+            "{} pull {} --repo {} --tag basic --insecure{extra}",
+            sh_quote(BIN),
+            sh_quote(&source),
+            sh_quote(&repo.display().to_string())
+        )
+    };
+
+    // stderr a terminal: a line per layer being imported, then a total line.
+    let (_t, repo) = repo_dir(f, "progress");
+    let Some(raw) = in_pty(&pull_cmd(&repo, "")) else {
+        return;
+    };
+    let shown = strip_ansi(&raw);
+    let mut layer_lines = 0;
+    for (i, diff_id) in image.diff_ids.iter().enumerate() {
+        let label = format!("layer {i} {}", &diff_id["sha256:".len()..][..12]);
+        for (at, _) in shown.match_indices(&label) {
+            let (bytes, rest) = byte_count(&shown[at + label.len()..])
+                .unwrap_or_else(|| panic!("no byte count after {label:?}:\n{shown}"));
+            // `BYTES / SIZE` (the store records layer sizes), then the files.
+            let size = rest.trim_start().strip_prefix('/').and_then(byte_count);
+            assert!(
+                size.is_some_and(|(_, rest)| rest.split_whitespace().nth(1) == Some("files")),
+                "{label} {bytes}: {rest}"
+            );
+            layer_lines += 1;
+        }
+    }
+    assert!(layer_lines > 0, "no layer progress line:\n{shown}");
+    // The total line follows the layer lines (the cursor moves between them, so it may share
+    // a stripped line with the one above).
+    let total = shown
+        .match_indices("total ")
+        .any(|(at, _)| is_total_line(shown[at..].lines().next().unwrap_or_default(), 3));
+    assert!(
+        total,
+        "no total line with layers, bytes, files, rate and ETA:\n{shown}"
+    );
+    let summary = shown.lines().rev().find(|l| !l.trim().is_empty());
+    assert!(
+        summary.is_some_and(|l| l.starts_with("pulled ")),
+        "the progress is cleared before the summary:\n{shown}"
+    );
+    assert!(repo.join("streams/refs/oci/basic").exists());
+
+    // `--json`, stderr still a terminal: the summary, and no progress.
+    let (_t, repo) = repo_dir(f, "progress-json");
+    let raw = in_pty(&pull_cmd(&repo, " --json")).expect("script ran above");
+    assert!(
+        !raw.contains('\x1b') && !raw.contains("layer 0 ") && !raw.contains("total "),
+        "{raw:?}"
+    );
+    assert!(
+        raw.contains("\"imageId\"") && raw.contains("pulled "),
+        "{raw}"
+    );
+
+    // stderr not a terminal (stdout still is): no progress, only the summary line.
+    let (t, repo) = repo_dir(f, "progress-pipe");
+    let err_file = t.path().join("stderr");
+    let stdout = in_pty(&format!(
+        "{} 2>{}",
+        pull_cmd(&repo, ""),
+        sh_quote(&err_file.display().to_string())
+    ))
+    .expect("script ran above");
+    let stderr = std::fs::read_to_string(&err_file).unwrap();
+    assert_eq!(stdout, "", "stdout carries no progress");
+    assert_eq!(stderr.lines().count(), 1, "{stderr:?}");
+    assert!(
+        stderr.starts_with("pulled ") && !stderr.contains('\x1b'),
+        "{stderr:?}"
+    );
+}
+
+/// A Docker v2s2 image (as most images pulled from Docker Hub are) gets its composefs image:
+/// cfsctl 0.9.4 treats its config type as an artifact's and builds none, but computes the same
+/// id for it, and `cfsctl mount ID` mounts it (its `oci mount` looks for OCI configs only).
+#[test]
+fn docker_format_images_get_a_composefs_image() {
+    let Some((f, cfsctl)) = tools() else { return };
+    let image = f.image("basic");
+    let (t, repo) = repo_dir(f, "docker");
+    let (graph, run_root) = (t.path().join("graph"), t.path().join("run"));
+    let store = format!(
+        "containers-storage:[overlay@{}+{}]",
+        graph.display(),
+        run_root.display()
+    );
+    run(Command::new("skopeo").args([
+        "copy",
+        "--quiet",
+        "--format",
+        "v2s2",
+        &format!("{}{}", f.store_arg(), image.reference),
+        &format!("{store}localhost/basic-docker:1"),
+    ]));
+    let _u = Unmount(graph.join("overlay"));
+    let s = pull(&format!("{store}localhost/basic-docker:1"), &repo, "d", &[]).unwrap();
+    let inspect: serde_json::Value =
+        serde_json::from_str(&cfs(&cfsctl, &repo, &["oci", "inspect", "d"])).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(inspect["manifest"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    let id = s["erofsImage"].as_str().expect("an EROFS image");
+    assert_eq!(cfs(&cfsctl, &repo, &["oci", "compute-id", "d"]).trim(), id);
+    fsck_ok(&cfsctl, &repo);
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = Command::new(&cfsctl)
+        .arg("--repo")
+        .arg(&repo)
+        .args(["mount", id])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        println!(
+            "SKIP: the kernel cannot mount composefs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let _m = Unmount(mnt.clone());
+    assert!(mnt.join("usr/bin/hello").is_file());
+}

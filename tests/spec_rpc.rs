@@ -1,6 +1,7 @@
 //! `proto/rpc.md` against `src/proto/rpc.rs`: every annotated JSON example parses and
 //! round-trips through the typed API, and the error-code table equals `rpc::code`.
 
+use oci_spec::image::{ImageConfiguration, ImageManifest};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use splitfdstream::proto::rpc::{self, Request, RpcError, code};
@@ -218,19 +219,18 @@ fn check_open_image(r: &rpc::OpenImageResult) {
         format!("sha256:{}", sha256_hex(r.config.as_bytes()))
     );
     assert_eq!(format!("sha256:{}", r.image_id), r.config_digest);
-    let config: Value = serde_json::from_str(&r.config).unwrap();
-    let manifest: Value = serde_json::from_str(&r.manifest).unwrap();
-    assert_eq!(manifest["config"]["digest"], r.config_digest.as_str());
-    assert_eq!(manifest["config"]["size"], r.config.len());
+    let config: ImageConfiguration = serde_json::from_str(&r.config).unwrap();
+    let manifest: ImageManifest = serde_json::from_str(&r.manifest).unwrap();
+    assert_eq!(manifest.config().digest().as_ref(), r.config_digest);
+    assert_eq!(manifest.config().size(), r.config.len() as u64);
     let diff_ids: Vec<&str> = r.layers.iter().map(|l| l.diff_id.as_str()).collect();
-    assert_eq!(config["rootfs"]["diff_ids"], json!(diff_ids));
-    let blob_digests: Vec<&Value> = manifest["layers"]
-        .as_array()
-        .unwrap()
+    assert_eq!(config.rootfs().diff_ids(), &diff_ids);
+    let blob_digests: Vec<&str> = manifest
+        .layers()
         .iter()
-        .map(|l| &l["digest"])
+        .map(|l| l.digest().as_ref())
         .collect();
-    assert_eq!(json!(blob_digests), json!(diff_ids));
+    assert_eq!(blob_digests, diff_ids);
     // The base layer is the empty tar: 10,240 zero bytes.
     assert_eq!(
         r.layers[0].diff_id,

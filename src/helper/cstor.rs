@@ -23,9 +23,9 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail, ensure};
+use oci_spec::image::ImageConfiguration;
 use rustix::fs::{FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::tarsplit::{self, Entry, TarSplitReader};
@@ -110,18 +110,6 @@ struct LayerStore {
     root: usize,
     records: Vec<(usize, &'static str)>,
     locks: Vec<StoreLock>,
-}
-
-/// The parts of an image config used here.
-#[derive(Debug, Deserialize)]
-struct ImageConfig {
-    rootfs: RootFs,
-}
-
-#[derive(Debug, Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
 }
 
 impl CstorBackend {
@@ -414,12 +402,12 @@ impl Backend for CstorBackend {
             .map_err(|_| anyhow::anyhow!("the manifest of image {id} is not UTF-8"))?;
         let config = String::from_utf8(config)
             .map_err(|_| anyhow::anyhow!("the config of image {id} is not UTF-8"))?;
-        let parsed: ImageConfig = serde_json::from_str(&config)
+        let parsed: ImageConfiguration = serde_json::from_str(&config)
             .with_context(|| format!("parsing the config of image {id}"))?;
 
         let layers = self.read_layers()?;
         let chain = layer_chain(&layers, id, image.layer.as_deref())?;
-        let diff_ids = parsed.rootfs.diff_ids;
+        let diff_ids = parsed.rootfs().diff_ids().clone();
         if diff_ids.len() != chain.len() {
             return Err(anyhow::anyhow!(
                 "image {id}: its config lists {} layers, the store {}",

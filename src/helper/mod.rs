@@ -62,12 +62,11 @@ pub enum LayerLocator {
         /// Parent layer ids, nearest first.
         parents: Vec<String>,
     },
-    /// OCI layout: blob digest and media type.
+    /// OCI layout: the layer's descriptor from the manifest.
     Oci {
-        /// `sha256:…` of the (possibly compressed) blob.
-        digest: String,
-        /// Layer media type (selects the decompressor).
-        media_type: String,
+        /// Digest (`sha256:…`), size and media type (which selects the decompressor) of the
+        /// possibly compressed blob.
+        blob: Box<oci_spec::image::Descriptor>,
     },
 }
 

@@ -11,16 +11,53 @@
 //! framer: the entry count the helper reports is the one the client counts, and a tar the
 //! client would reject (a bad header, a size past 2^64, a truncated entry) fails here first,
 //! before its bad bytes are sent.
+//!
+//! # Types, layout and file access
+//!
+//! Index, manifests, descriptors and configs are `oci-spec` types, parsed from the bytes as
+//! found for validation and field access only: the manifest and config travel on exactly as
+//! read (their digests are over those bytes). The layout is an [`ocidir::OciDir`] whose two
+//! directories, the layout and its `blobs/sha256`, this backend opens itself (the latter with
+//! the `RESOLVE_*` flags of the last column below, so that a symlinked or mounted-over
+//! `blobs/sha256` is refused too; both `O_PATH`, which serves the `*at` calls made here but
+//! not ocidir's directory listings, none of which this backend uses). Every
+//! file in them (`oci-layout`, `index.json`, blobs) is then opened beneath those directories
+//! with this backend's own `openat2`, not with ocidir's readers (`OciRead::read_index`,
+//! `read_blob`, `read_json_blob`), because of what those would let a hostile layout do:
+//!
+//! | guarantee | ocidir's readers (cap-std 4) | here |
+//! |---|---|---|
+//! | resolution stays beneath the directory opened from (the layout for `index.json`, `blobs/sha256` for blobs) | yes: `openat2(RESOLVE_BENEATH \| RESOLVE_NO_MAGICLINKS)`, or cap-std's user-space resolver where `openat2` fails with `ENOSYS` or `EPERM` | yes: `RESOLVE_BENEATH` |
+//! | no symlink followed | no: a symlink that stays beneath is followed | `RESOLVE_NO_SYMLINKS`, `O_NOFOLLOW` |
+//! | no magic link (`/proc/…/fd/N`) | yes: `RESOLVE_NO_MAGICLINKS` | yes: `RESOLVE_NO_MAGICLINKS` |
+//! | no mount point crossed | no | `RESOLVE_NO_XDEV` |
+//! | a FIFO cannot block the open | no: no `O_NONBLOCK`, so a FIFO blocks until a writer comes | `O_NONBLOCK`, then `fstat` must show a regular file |
+//! | bounded before it is read | no: `read_index` reads `index.json` whole; `read_blob` compares the file's size with the descriptor's, which the same layout writes | `index.json`, manifests and configs at most [`MAX_JSON_LEN`] (checked by `fstat` and while reading) |
+//! | digests checked | no: `read_blob` checks the size only | each manifest and config before it is parsed, each layer blob (and its diff_id) as it streams |
+//! | the exact bytes | no: `read_json_blob` returns the parsed value | kept and passed on |
+//!
+//! Where cap-std's column comes from: `cap-primitives` 4.0.3, `rustix/linux/fs/open_impl.rs`
+//! (`open_beneath` passes `ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS` and nothing
+//! else; `open_impl` falls back to `manually::open` on `ENOSYS`, and on `EPERM` as seccomp
+//! sandboxes report it) and `rustix/fs/oflags.rs` (`compute_oflags` adds `O_NOFOLLOW` only
+//! for `FollowSymlinks::No` and `O_NONBLOCK` only when asked; `Dir::open` asks for neither).
+//! `tests/oci_layout.rs` shows the difference on a symlinked blob.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
+use oci_spec::image::{
+    ANNOTATION_REF_NAME, Descriptor, Digest, DigestAlgorithm, ImageConfiguration, ImageIndex,
+    ImageManifest, MediaType, OciLayout,
+};
+use ocidir::OciDir;
+use ocidir::cap_std::fs::Dir;
 use rustix::fs::{Mode, OFlags, ResolveFlags};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use super::{Backend, BackendError, LayerLocator, LayerSink, OpenedImage};
 use crate::proto::rpc::LayerInfo;
@@ -31,8 +68,10 @@ pub const MAX_CHUNK: usize = 1 << 20;
 /// Largest `index.json`, manifest or config read. Registries cap manifests at 4 MiB; configs
 /// with long histories are larger but nowhere near this.
 pub const MAX_JSON_LEN: u64 = 64 << 20;
-/// The annotation naming a manifest in an OCI layout's index.
-const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+/// Largest `oci-layout` file read: it holds one short version string.
+const MAX_LAYOUT_FILE_LEN: u64 = 4 << 10;
+/// Where the layout keeps its blobs (only sha256 blobs are read).
+const BLOBS_DIR: &str = "blobs/sha256";
 
 /// `RESOLVE_*` flags for every path opened in the layout.
 const RESOLVE_STRICT: ResolveFlags = ResolveFlags::BENEATH
@@ -40,50 +79,21 @@ const RESOLVE_STRICT: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
 
+/// Docker v2s2 media types, which `oci-spec` has no variants for (they parse as
+/// [`MediaType::Other`]).
+const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+const DOCKER_FOREIGN_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+
 /// The OCI layout backend for one layout directory.
 #[derive(Debug)]
 pub struct OciBackend {
     dir: PathBuf,
-    /// The layout directory, opened `O_PATH`: every other path is resolved beneath it.
-    root: OwnedFd,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Descriptor {
-    #[serde(default)]
-    media_type: Option<String>,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: std::collections::HashMap<String, String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Index {
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Manifest {
-    #[serde(default)]
-    media_type: Option<String>,
-    config: Descriptor,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ImageConfig {
-    rootfs: RootFs,
-}
-
-#[derive(Debug, Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
+    /// The layout (opened `O_PATH` as the caller named it) and its `blobs/sha256` (opened
+    /// `O_PATH` beneath it with [`RESOLVE_STRICT`]): every file is resolved beneath one of
+    /// them.
+    layout: OciDir,
 }
 
 /// How a layer blob is compressed.
@@ -95,39 +105,50 @@ enum Compression {
 }
 
 /// Layer media types this backend reads (OCI, OCI non-distributable and Docker v2s2).
-fn compression_of(media_type: &str) -> Option<Compression> {
+fn compression_of(media_type: &MediaType) -> Option<Compression> {
     match media_type {
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar"
-        | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
-        "application/vnd.oci.image.layer.v1.tar+gzip"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
-        | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
-        "application/vnd.oci.image.layer.v1.tar+zstd"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
+        MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Some(Compression::None),
+        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
+            Some(Compression::Gzip)
+        }
+        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
+            Some(Compression::Zstd)
+        }
+        MediaType::Other(other) => match other.as_str() {
+            DOCKER_LAYER => Some(Compression::None),
+            DOCKER_LAYER_GZIP | DOCKER_FOREIGN_LAYER_GZIP => Some(Compression::Gzip),
+            _ => None,
+        },
         _ => None,
     }
 }
 
-/// Media types of image indexes, which this backend does not descend into.
-const INDEX_MEDIA_TYPES: [&str; 2] = [
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+/// Image indexes (OCI or Docker manifest lists), which this backend does not descend into.
+fn is_index(media_type: &MediaType) -> bool {
+    match media_type {
+        MediaType::ImageIndex => true,
+        MediaType::Other(other) => other == DOCKER_MANIFEST_LIST,
+        _ => false,
+    }
+}
 
-fn digest_hex(digest: &str) -> anyhow::Result<&str> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-        .with_context(|| format!("{digest:?} is not a sha256 digest"))
+fn nested_index(digest: &Digest, media_type: &MediaType) -> BackendError {
+    anyhow!("{digest} is an image index ({media_type}); nested indexes are not supported").into()
+}
+
+/// The hex part of a sha256 digest (which `oci-spec` checked is 64 lowercase hex digits).
+fn sha256_hex(digest: &Digest) -> anyhow::Result<&str> {
+    match digest.algorithm() {
+        DigestAlgorithm::Sha256 => Ok(digest.digest()),
+        _ => bail!("{digest:?} is not a sha256 digest"),
+    }
 }
 
 impl OciBackend {
     /// Open the layout at `dir`.
     ///
     /// # Errors
-    /// `dir` cannot be opened or has no `oci-layout` file.
+    /// `dir` cannot be opened, or has no valid `oci-layout` file or no `blobs/sha256`.
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         let root = rustix::fs::open(
             dir,
@@ -135,93 +156,90 @@ impl OciBackend {
             Mode::empty(),
         )
         .with_context(|| format!("opening OCI layout {}", dir.display()))?;
-        let backend = OciBackend {
-            dir: dir.to_owned(),
-            root,
-        };
-        backend
-            .open_file("oci-layout")
-            .with_context(|| format!("{} is not an OCI layout", dir.display()))?;
-        Ok(backend)
-    }
-
-    fn open_file(&self, rel: &str) -> anyhow::Result<File> {
-        let fd = rustix::fs::openat2(
-            &self.root,
-            rel,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        let not_a_layout = || format!("{} is not an OCI layout", dir.display());
+        let version = read_bounded(&root, "oci-layout", dir, MAX_LAYOUT_FILE_LEN)
+            .with_context(not_a_layout)?;
+        serde_json::from_slice::<OciLayout>(&version)
+            .with_context(|| format!("parsing {}", dir.join("oci-layout").display()))
+            .with_context(not_a_layout)?;
+        let blobs = rustix::fs::openat2(
+            &root,
+            BLOBS_DIR,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
             RESOLVE_STRICT,
         )
-        .with_context(|| format!("opening {}", self.dir.join(rel).display()))?;
-        let st = rustix::fs::fstat(&fd)?;
-        ensure!(
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile,
-            "{} is not a regular file",
-            self.dir.join(rel).display()
-        );
-        Ok(File::from(fd))
+        .with_context(|| format!("opening {}", dir.join(BLOBS_DIR).display()))
+        .with_context(not_a_layout)?;
+        let layout = OciDir::open_with_external_blobs(Dir::from(root), Dir::from(blobs))
+            .with_context(not_a_layout)?;
+        Ok(OciBackend {
+            dir: dir.to_owned(),
+            layout,
+        })
     }
 
-    fn read_json_file(&self, rel: &str) -> anyhow::Result<Vec<u8>> {
-        let mut data = Vec::new();
-        self.open_file(rel)?
-            .take(MAX_JSON_LEN + 1)
-            .read_to_end(&mut data)
-            .with_context(|| format!("reading {}", self.dir.join(rel).display()))?;
-        ensure!(
-            data.len() as u64 <= MAX_JSON_LEN,
-            "{} is larger than {MAX_JSON_LEN} bytes",
-            self.dir.join(rel).display()
-        );
-        Ok(data)
+    /// `index.json`, bounded by [`MAX_JSON_LEN`], and parsed.
+    fn read_index(&self) -> anyhow::Result<ImageIndex> {
+        let bytes = read_bounded(self.layout.dir(), "index.json", &self.dir, MAX_JSON_LEN)?;
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", self.dir.join("index.json").display()))
     }
 
-    /// Read a JSON blob (manifest, config) and check it against its descriptor.
+    /// Open the blob `desc` names: a regular file beneath `blobs/sha256`.
+    fn open_blob(&self, desc: &Descriptor) -> anyhow::Result<File> {
+        let hex = sha256_hex(desc.digest())?;
+        open_regular(self.layout.blobs_dir(), hex, &self.dir.join(BLOBS_DIR))
+    }
+
+    /// Read a JSON blob (manifest, config) and check it against its descriptor; its bytes as
+    /// stored.
     fn read_json_blob(&self, desc: &Descriptor) -> anyhow::Result<Vec<u8>> {
-        let hex = digest_hex(&desc.digest)?;
+        let digest = desc.digest();
+        let hex = sha256_hex(digest)?;
         ensure!(
-            desc.size <= MAX_JSON_LEN,
-            "blob {} is {} bytes, more than the {MAX_JSON_LEN} accepted",
-            desc.digest,
-            desc.size
+            desc.size() <= MAX_JSON_LEN,
+            "blob {digest} is {} bytes, more than the {MAX_JSON_LEN} accepted",
+            desc.size()
         );
-        let data = self.read_json_file(&format!("blobs/sha256/{hex}"))?;
+        let data = read_bounded(
+            self.layout.blobs_dir(),
+            hex,
+            &self.dir.join(BLOBS_DIR),
+            MAX_JSON_LEN,
+        )?;
         let actual = hex::encode(Sha256::digest(&data));
+        ensure!(actual == hex, "blob {digest} has digest sha256:{actual}");
         ensure!(
-            actual == hex,
-            "blob {} has digest sha256:{actual}",
-            desc.digest
-        );
-        ensure!(
-            data.len() as u64 == desc.size,
-            "blob {} is {} bytes, its descriptor says {}",
-            desc.digest,
+            data.len() as u64 == desc.size(),
+            "blob {digest} is {} bytes, its descriptor says {}",
             data.len(),
-            desc.size
+            desc.size()
         );
         Ok(data)
     }
 
     fn select<'a>(
         &self,
-        index: &'a Index,
+        index: &'a ImageIndex,
         reference: &str,
     ) -> Result<&'a Descriptor, BackendError> {
         let not_found = |why: String| {
             BackendError::ImageNotFound(format!("{why} in OCI layout {}", self.dir.display()))
         };
+        let ref_name = |m: &'a Descriptor| {
+            m.annotations()
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_REF_NAME))
+                .map(String::as_str)
+        };
         let tags = || {
-            let mut tags: Vec<&str> = index
-                .manifests
-                .iter()
-                .filter_map(|m| m.annotations.get(REF_NAME_ANNOTATION).map(String::as_str))
-                .collect();
+            let mut tags: Vec<&str> = index.manifests().iter().filter_map(ref_name).collect();
             tags.sort_unstable();
             tags.join(", ")
         };
         if reference.is_empty() {
-            return match index.manifests.as_slice() {
+            return match index.manifests().as_slice() {
                 [one] => Ok(one),
                 [] => Err(not_found("no image".into())),
                 many => Err(not_found(format!(
@@ -233,12 +251,9 @@ impl OciBackend {
         }
         let bare = reference.strip_prefix('@').unwrap_or(reference);
         let found: Vec<&Descriptor> = index
-            .manifests
+            .manifests()
             .iter()
-            .filter(|m| {
-                m.annotations.get(REF_NAME_ANNOTATION).map(String::as_str) == Some(reference)
-                    || m.digest == bare
-            })
+            .filter(|m| ref_name(m) == Some(reference) || m.digest().as_ref() == bare)
             .collect();
         match found.as_slice() {
             [one] => Ok(one),
@@ -254,8 +269,55 @@ impl OciBackend {
     }
 }
 
-fn is_digest(s: &str) -> bool {
-    digest_hex(s).is_ok()
+/// Open `rel` beneath `dir` (`shown` names `dir` in messages) with [`RESOLVE_STRICT`],
+/// `O_NOFOLLOW` and `O_NONBLOCK` (a FIFO cannot block the open); it must be a regular file.
+fn open_regular(dir: impl AsFd, rel: &str, shown: &Path) -> anyhow::Result<File> {
+    let path = || shown.join(rel).display().to_string();
+    let fd = rustix::fs::openat2(
+        dir,
+        rel,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+        RESOLVE_STRICT,
+    )
+    .with_context(|| format!("opening {}", path()))?;
+    let st = rustix::fs::fstat(&fd).with_context(|| format!("inspecting {}", path()))?;
+    ensure!(
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile,
+        "{} is not a regular file",
+        path()
+    );
+    Ok(File::from(fd))
+}
+
+/// Read `rel` beneath `dir` whole, refusing more than `max` bytes without holding them.
+fn read_bounded(dir: impl AsFd, rel: &str, shown: &Path, max: u64) -> anyhow::Result<Vec<u8>> {
+    let path = || shown.join(rel).display().to_string();
+    let file = open_regular(dir, rel, shown)?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("inspecting {}", path()))?
+        .len();
+    ensure!(len <= max, "{} is larger than {max} bytes", path());
+    let mut data = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path()))?;
+    // The file may have grown since the fstat.
+    ensure!(
+        data.len() as u64 <= max,
+        "{} is larger than {max} bytes",
+        path()
+    );
+    Ok(data)
+}
+
+/// A diff_id from a config: a well-formed sha256 digest.
+fn check_diff_id(config_digest: &Digest, diff_id: &str) -> anyhow::Result<()> {
+    match Digest::from_str(diff_id) {
+        Ok(d) if *d.algorithm() == DigestAlgorithm::Sha256 => Ok(()),
+        _ => bail!("config {config_digest}: diff_id {diff_id:?} is not sha256"),
+    }
 }
 
 impl Backend for OciBackend {
@@ -264,82 +326,76 @@ impl Backend for OciBackend {
     }
 
     fn open_image(&self, reference: &str) -> Result<OpenedImage, BackendError> {
-        let index_bytes = self.read_json_file("index.json")?;
-        let index: Index = serde_json::from_slice(&index_bytes)
-            .with_context(|| format!("parsing {}", self.dir.join("index.json").display()))?;
+        let index = self.read_index()?;
         let desc = self.select(&index, reference)?;
-        if let Some(mt) = desc.media_type.as_deref()
-            && INDEX_MEDIA_TYPES.contains(&mt)
-        {
-            return Err(anyhow::anyhow!(
-                "{} is an image index ({mt}); nested indexes are not supported",
-                desc.digest
-            )
-            .into());
+        if is_index(desc.media_type()) {
+            return Err(nested_index(desc.digest(), desc.media_type()));
         }
         let manifest_bytes = self.read_json_blob(desc)?;
-        let manifest: Manifest = serde_json::from_slice(&manifest_bytes)
-            .with_context(|| format!("parsing manifest {}", desc.digest))?;
-        if let Some(mt) = manifest.media_type.as_deref()
-            && INDEX_MEDIA_TYPES.contains(&mt)
+        let manifest: ImageManifest = match serde_json::from_slice(&manifest_bytes) {
+            Ok(m) => m,
+            // An index whose descriptor did not say so (no manifest has no `config`).
+            Err(_) if serde_json::from_slice::<ImageIndex>(&manifest_bytes).is_ok() => {
+                return Err(nested_index(desc.digest(), &MediaType::ImageIndex));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("parsing manifest {}", desc.digest()))
+                    .into());
+            }
+        };
+        if let Some(mt) = manifest.media_type()
+            && is_index(mt)
         {
-            return Err(anyhow::anyhow!(
-                "{} is an image index ({mt}); nested indexes are not supported",
-                desc.digest
-            )
-            .into());
+            return Err(nested_index(desc.digest(), mt));
         }
-        let config_bytes = self.read_json_blob(&manifest.config)?;
-        let config_digest = manifest.config.digest.clone();
-        let config: ImageConfig = serde_json::from_slice(&config_bytes)
+        let config_desc = manifest.config();
+        let config_digest = config_desc.digest();
+        let config_bytes = self.read_json_blob(config_desc)?;
+        let config: ImageConfiguration = serde_json::from_slice(&config_bytes)
             .with_context(|| format!("parsing config {config_digest}"))?;
-        let diff_ids = config.rootfs.diff_ids;
-        if diff_ids.len() != manifest.layers.len() {
-            return Err(anyhow::anyhow!(
+        let diff_ids = config.rootfs().diff_ids();
+        if diff_ids.len() != manifest.layers().len() {
+            return Err(anyhow!(
                 "manifest {} lists {} layers, its config {} diff_ids",
-                desc.digest,
-                manifest.layers.len(),
+                desc.digest(),
+                manifest.layers().len(),
                 diff_ids.len()
             )
             .into());
         }
         let mut layers = Vec::with_capacity(diff_ids.len());
         let mut locators = Vec::with_capacity(diff_ids.len());
-        for (layer, diff_id) in manifest.layers.iter().zip(diff_ids) {
-            digest_hex(&layer.digest)?;
-            if !is_digest(&diff_id) {
-                return Err(anyhow::anyhow!(
-                    "config {config_digest}: diff_id {diff_id:?} is not sha256"
+        for (layer, diff_id) in manifest.layers().iter().zip(diff_ids) {
+            sha256_hex(layer.digest())?;
+            check_diff_id(config_digest, diff_id)?;
+            let compression = compression_of(layer.media_type()).ok_or_else(|| {
+                anyhow!(
+                    "layer {} has unsupported media type {:?}",
+                    layer.digest(),
+                    layer.media_type().as_ref()
                 )
-                .into());
-            }
-            let media_type = layer.media_type.clone().unwrap_or_default();
-            if compression_of(&media_type).is_none() {
-                return Err(anyhow::anyhow!(
-                    "layer {} has unsupported media type {media_type:?}",
-                    layer.digest
-                )
-                .into());
-            }
+            })?;
             layers.push(LayerInfo {
-                id: layer.digest.clone(),
-                diff_id,
-                size: None,
+                id: layer.digest().to_string(),
+                diff_id: diff_id.clone(),
+                // An uncompressed blob is the layer tar: its descriptor records the tar's size
+                // (checked against the blob before it streams).
+                size: (compression == Compression::None).then_some(layer.size()),
                 entries: None,
             });
             locators.push(LayerLocator::Oci {
-                digest: layer.digest.clone(),
-                media_type,
+                blob: Box::new(layer.clone()),
             });
         }
         let manifest = String::from_utf8(manifest_bytes).context("the manifest is not UTF-8")?;
         let config = String::from_utf8(config_bytes).context("the config is not UTF-8")?;
         Ok(OpenedImage {
-            image_id: digest_hex(&config_digest)?.to_owned(),
+            image_id: sha256_hex(config_digest)?.to_owned(),
             manifest,
-            manifest_digest: desc.digest.clone(),
+            manifest_digest: desc.digest().to_string(),
             config,
-            config_digest,
+            config_digest: config_digest.to_string(),
             layers,
             locators,
         })
@@ -352,28 +408,33 @@ impl Backend for OciBackend {
         _inline_threshold: u64,
         sink: &mut dyn LayerSink,
     ) -> anyhow::Result<u64> {
-        let (Some(LayerLocator::Oci { digest, media_type }), Some(info)) =
+        let (Some(LayerLocator::Oci { blob }), Some(info)) =
             (image.locators.get(index), image.layers.get(index))
         else {
             bail!("image {} has no OCI layer {index}", image.image_id);
         };
-        self.stream_blob(digest, media_type, &info.diff_id, sink)
-            .with_context(|| format!("layer blob {digest}"))
+        self.stream_blob(blob, &info.diff_id, sink)
+            .with_context(|| format!("layer blob {}", blob.digest()))
     }
 }
 
 impl OciBackend {
     fn stream_blob(
         &self,
-        digest: &str,
-        media_type: &str,
+        blob: &Descriptor,
         diff_id: &str,
         sink: &mut dyn LayerSink,
     ) -> anyhow::Result<u64> {
-        let hex = digest_hex(digest)?;
-        let compression = compression_of(media_type)
-            .with_context(|| format!("unsupported media type {media_type:?}"))?;
-        let file = self.open_file(&format!("blobs/sha256/{hex}"))?;
+        let hex = sha256_hex(blob.digest())?;
+        let compression = compression_of(blob.media_type())
+            .with_context(|| format!("unsupported media type {:?}", blob.media_type().as_ref()))?;
+        let file = self.open_blob(blob)?;
+        let len = file.metadata().context("inspecting the blob")?.len();
+        ensure!(
+            len == blob.size(),
+            "the blob is {len} bytes, its descriptor says {}",
+            blob.size()
+        );
         let mut compressed = BufReader::with_capacity(
             MAX_CHUNK,
             HashingReader {
@@ -467,6 +528,8 @@ impl<R: Read> Read for HashingReader<R> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::OwnedFd;
+
     use super::*;
 
     /// A header with a valid checksum; `magic` is ustar (`ustar\0` `00`) or GNU (`ustar ` ` \0`).

@@ -11,9 +11,11 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::str::FromStr;
 use std::sync::mpsc::{Receiver, TryRecvError};
 
 use anyhow::{Context, ensure};
+use oci_spec::image::{Digest, DigestAlgorithm, ImageConfiguration, ImageManifest, MediaType};
 use sha2::Digest as _;
 
 use super::objects::{ObjectWriter, read_full_at};
@@ -33,10 +35,6 @@ pub const MANIFEST_CONTENT_TYPE: u64 = u64::from_le_bytes(*b"ocimanif");
 pub const IMAGE_REF_V2: &str = "composefs.image";
 /// Config named ref to the V1 EROFS image (the default format of new repositories).
 pub const IMAGE_REF_V1: &str = "composefs.image.v1";
-
-/// Media type of OCI image configs; composefs treats manifests with any other config type as
-/// artifacts (no EROFS image).
-const OCI_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 
 /// Largest small-file body read into memory from an fd (bodies stored inline are ≤ 64 bytes
 /// for regular files; other entry types rarely carry data at all).
@@ -542,15 +540,14 @@ impl<'r> LayerImporter<'r> {
     }
 }
 
-/// `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase: safe to embed in a file name.
+/// `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase (as `oci-spec` checks the encoding of
+/// those algorithms): safe to embed in a file name.
 fn check_digest(digest: &str) -> anyhow::Result<()> {
-    let ok = match digest.split_once(':') {
-        Some(("sha256", h)) => h.len() == 64,
-        Some(("sha512", h)) => h.len() == 128,
-        _ => false,
-    } && digest.split_once(':').is_some_and(|(_, h)| {
-        h.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    let ok = Digest::from_str(digest).is_ok_and(|d| {
+        matches!(
+            d.algorithm(),
+            DigestAlgorithm::Sha256 | DigestAlgorithm::Sha512
+        )
     });
     ensure!(ok, "{digest:?} is not a sha256:/sha512: digest");
     Ok(())
@@ -693,7 +690,11 @@ impl PreparedImage {
     }
 }
 
-/// Fields of the manifest and config that matter here.
+/// Media type of a Docker v2s2 image config.
+const DOCKER_IMAGE_CONFIG_MEDIA_TYPE: &str = "application/vnd.docker.container.image.v1+json";
+
+/// Fields of the manifest and config that matter here (parsed for validation only: the bytes
+/// are stored as given).
 struct ImageJson {
     config_digest_in_manifest: String,
     is_image_config: bool,
@@ -701,34 +702,19 @@ struct ImageJson {
 }
 
 fn parse_image_json(manifest: &[u8], config: &[u8]) -> anyhow::Result<ImageJson> {
-    let m: serde_json::Value = serde_json::from_slice(manifest).context("parsing the manifest")?;
-    let mconfig = m
-        .get("config")
-        .context("the manifest has no config descriptor")?;
-    let config_digest_in_manifest = mconfig
-        .get("digest")
-        .and_then(|d| d.as_str())
-        .context("the manifest's config descriptor has no digest")?
-        .to_owned();
-    let is_image_config =
-        mconfig.get("mediaType").and_then(|t| t.as_str()) == Some(OCI_IMAGE_CONFIG_MEDIA_TYPE);
-    let c: serde_json::Value = serde_json::from_slice(config).context("parsing the config")?;
-    let diff_ids = c
-        .get("rootfs")
-        .and_then(|r| r.get("diff_ids"))
-        .and_then(|d| d.as_array())
-        .context("the config has no rootfs.diff_ids")?
-        .iter()
-        .map(|d| {
-            d.as_str()
-                .map(str::to_owned)
-                .context("a diff_id is not a string")
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let m: ImageManifest = serde_json::from_slice(manifest).context("parsing the manifest")?;
+    let mut c: ImageConfiguration = serde_json::from_slice(config).context("parsing the config")?;
     Ok(ImageJson {
-        config_digest_in_manifest,
-        is_image_config,
-        diff_ids,
+        config_digest_in_manifest: m.config().digest().to_string(),
+        // composefs 0.9.4 treats every other config type as an artifact (no EROFS image), even
+        // Docker's: most images pulled from Docker Hub are Docker v2s2, and podman runs them, so
+        // they get their composefs image here.
+        is_image_config: match m.config().media_type() {
+            MediaType::ImageConfig => true,
+            MediaType::Other(t) => t == DOCKER_IMAGE_CONFIG_MEDIA_TYPE,
+            _ => false,
+        },
+        diff_ids: std::mem::take(c.rootfs_mut().diff_ids_mut()),
     })
 }
 
@@ -779,8 +765,7 @@ pub fn prepare_image(
         (
             Vec::new(),
             Some(
-                "the config media type is not an OCI image config; composefs treats this \
-                  as an artifact"
+                "the config media type is not an image config (OCI or Docker): an artifact"
                     .to_owned(),
             ),
         )
