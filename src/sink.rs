@@ -121,10 +121,16 @@ fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> std::io::Result<usi
 /// hidden temporary name removed on drop), then linked to a temporary name and renamed over
 /// the target. A failure or a kill before the commit leaves nothing (and an existing file at
 /// the path untouched).
+///
+/// A path that is a symlink stands for the file it points to (that file is replaced, the
+/// link stays). A path naming something that is not a regular file — a device such as
+/// `/dev/null`, a FIFO, a socket — is written in place, since nothing may be renamed over it:
+/// then there is no atomicity, as with any pipe.
 #[derive(Debug)]
 pub struct AtomicFile {
     file: File,
-    dir: File,
+    /// The target's directory, or `None` when the target is written in place.
+    dir: Option<File>,
     path: PathBuf,
     /// The temporary name when the filesystem lacks `O_TMPFILE`.
     named: Option<String>,
@@ -136,6 +142,30 @@ impl AtomicFile {
     /// # Errors
     /// The directory cannot be opened or written.
     pub fn create(path: &Path) -> anyhow::Result<AtomicFile> {
+        let resolved;
+        let path = match std::fs::symlink_metadata(path) {
+            Ok(md) if md.file_type().is_symlink() => {
+                resolved = std::fs::canonicalize(path)
+                    .with_context(|| format!("resolving the symlink {}", path.display()))?;
+                resolved.as_path()
+            }
+            _ => path,
+        };
+        if let Ok(md) = std::fs::metadata(path)
+            && !md.is_file()
+        {
+            anyhow::ensure!(!md.is_dir(), "{} is a directory", path.display());
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            return Ok(AtomicFile {
+                file,
+                dir: None,
+                path: path.to_owned(),
+                named: None,
+            });
+        }
         let name = path
             .file_name()
             .with_context(|| format!("{} names no file", path.display()))?;
@@ -177,7 +207,7 @@ impl AtomicFile {
         };
         Ok(AtomicFile {
             file: File::from(fd),
-            dir,
+            dir: Some(dir),
             path: path.to_owned(),
             named,
         })
@@ -190,6 +220,9 @@ impl AtomicFile {
     pub fn commit(mut self) -> anyhow::Result<()> {
         let ctx = || format!("writing {}", self.path.display());
         self.file.flush().with_context(ctx)?;
+        let Some(dir) = self.dir.as_ref() else {
+            return Ok(());
+        };
         let name = self.path.file_name().expect("checked in create").to_owned();
         let tmp = match self.named.take() {
             Some(tmp) => tmp,
@@ -202,7 +235,7 @@ impl AtomicFile {
                 rustix::fs::linkat(
                     rustix::fs::CWD,
                     proc_path.as_str(),
-                    &self.dir,
+                    dir,
                     tmp.as_str(),
                     AtFlags::SYMLINK_FOLLOW,
                 )
@@ -210,8 +243,8 @@ impl AtomicFile {
                 tmp
             }
         };
-        if let Err(e) = rustix::fs::renameat(&self.dir, tmp.as_str(), &self.dir, name.as_os_str()) {
-            let _ = rustix::fs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty());
+        if let Err(e) = rustix::fs::renameat(dir, tmp.as_str(), dir, name.as_os_str()) {
+            let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
             return Err(e).with_context(ctx);
         }
         Ok(())
@@ -230,8 +263,8 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
-        if let Some(tmp) = &self.named {
-            let _ = rustix::fs::unlinkat(&self.dir, tmp.as_str(), AtFlags::empty());
+        if let (Some(tmp), Some(dir)) = (&self.named, &self.dir) {
+            let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
         }
     }
 }
@@ -311,5 +344,33 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["out"]);
+
+        // Through a symlink: the file it points to is replaced, the link stays.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink("out", &link).unwrap();
+        let mut f = AtomicFile::create(&link).unwrap();
+        f.write_all(b"second").unwrap();
+        f.commit().unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"second");
+    }
+
+    /// A device (or FIFO) is written in place: renaming a file over `/dev/null` would break it.
+    #[test]
+    fn devices_are_written_in_place() {
+        let mut f = AtomicFile::create(Path::new("/dev/null")).unwrap();
+        f.write_all(b"discarded").unwrap();
+        f.commit().unwrap();
+        let md = std::fs::metadata("/dev/null").unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(
+            md.file_type().is_char_device(),
+            "/dev/null is no longer a device"
+        );
     }
 }
