@@ -442,6 +442,7 @@ impl Repository {
     ///
     /// # Errors
     /// `produce` failed, or I/O errors.
+    #[cfg_attr(not(feature = "erofs"), allow(dead_code))]
     pub(crate) fn store_streamed(
         &self,
         produce: impl FnOnce(&mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> std::io::Result<u64>,
