@@ -541,6 +541,9 @@ impl Backend for CstorBackend {
                         // Go reads no body for this entry: there is nothing to send, whatever
                         // size tar-split recorded.
                         None if tar.position() == Position::Header => continue,
+                        // A record with no bytes places nothing: tar-split writes one for a
+                        // PAX global header, whose padding Go reads only at the next header.
+                        None if file.size == 0 => continue,
                         None => bail!(
                             "layer {layer_id}: {}: tar-split records a {}-byte body at tar \
                              offset {}, in {}",
