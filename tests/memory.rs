@@ -30,7 +30,8 @@ fn tar_of_100k_tiny_files_stays_small() {
         return;
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("memory-100k");
-    let (graph, run) = (dir.join("graph"), dir.join("run"));
+    let run_dir = short_run_root();
+    let (graph, run) = (dir.join("graph"), run_dir.path().to_owned());
     if !dir.join("built").exists() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -78,7 +79,7 @@ const PULL_LIMIT_KIB: u64 = 64 * 1024;
 /// A store under the test's temp dir holding `localhost/<name>:1`, imported by podman from
 /// the tarball that `python` (a Python program given the output path as `argv[1]`, using the
 /// `tarfile` module) writes. Built once; `None` (after printing why) without root or podman.
-fn imported_store(name: &str, python: &str) -> Option<String> {
+fn imported_store(name: &str, python: &str) -> Option<(String, tempfile::TempDir)> {
     if !rustix::process::geteuid().is_root()
         || !have("podman")
         || !have("python3")
@@ -88,7 +89,8 @@ fn imported_store(name: &str, python: &str) -> Option<String> {
         return None;
     }
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("memory-{name}"));
-    let (graph, run) = (dir.join("graph"), dir.join("run"));
+    let run_dir = short_run_root();
+    let (graph, run) = (dir.join("graph"), run_dir.path().to_owned());
     if !dir.join("built").exists() {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -107,11 +109,22 @@ fn imported_store(name: &str, python: &str) -> Option<String> {
         std::fs::remove_file(&tarball).unwrap();
         std::fs::write(dir.join("built"), b"").unwrap();
     }
-    Some(format!(
+    let source = format!(
         "containers-storage:[overlay@{}+{}]localhost/{name}:1",
         graph.display(),
         run.display()
-    ))
+    );
+    Some((source, run_dir))
+}
+
+/// A run root for one test: podman refuses one longer than 50 bytes (its sockets live there),
+/// which a run root beneath a checkout's target directory can be, so it goes in the temporary
+/// directory. The graph root keeps nothing that refers to it.
+fn short_run_root() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sfds-run")
+        .tempdir_in("/tmp")
+        .expect("creating a run root in /tmp")
 }
 
 /// Peak RSS of `splitfdstream pull SOURCE` into a fresh repository (helpers included), and
@@ -149,7 +162,7 @@ with open(sys.argv[1], "wb") as f:
         t.addfile(g, io.BytesIO(data))
     t.close()
 "#;
-    let Some(source) = imported_store("pax-globals", python) else {
+    let Some((source, _run)) = imported_store("pax-globals", python) else {
         return;
     };
     let (kib, _repo) = pull_peak_kib(&source);
@@ -182,7 +195,7 @@ with open(sys.argv[1], "wb") as f:
         t.addfile(e)
     t.close()
 "#;
-    let Some(source) = imported_store("headers-200k", python) else {
+    let Some((source, _run)) = imported_store("headers-200k", python) else {
         return;
     };
     let (kib, repo) = pull_peak_kib(&source);
