@@ -86,6 +86,36 @@ impl HelperArgs {
     }
 }
 
+/// Flags `containers-image-proxy` may pass to skopeo. They configure registry access, which
+/// local images do not need: accepted so the command line parses, then ignored.
+#[derive(Debug, Clone, clap::Args)]
+struct SkopeoFlags {
+    /// Ignored (registry credentials).
+    #[arg(long, hide = true)]
+    authfile: Option<PathBuf>,
+    /// Ignored (registry credentials).
+    #[arg(long, hide = true)]
+    no_creds: bool,
+    /// Ignored (registry TLS).
+    #[arg(long, hide = true)]
+    cert_dir: Option<PathBuf>,
+    /// Ignored (encrypted layers are not served).
+    #[arg(long, hide = true)]
+    decryption_key: Vec<String>,
+    /// Ignored (registry TLS).
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    tls_verify: Option<bool>,
+    /// Ignored (signature policy; local images are served as stored).
+    #[arg(long, hide = true)]
+    insecure_policy: bool,
+    /// Ignored (registry HTTP).
+    #[arg(long, hide = true)]
+    user_agent_prefix: Option<String>,
+    /// Ignored.
+    #[arg(long, hide = true)]
+    debug: bool,
+}
+
 /// Move container image layers as tar metadata plus file descriptors.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -161,6 +191,17 @@ enum Cmd {
         inline_threshold: Option<u64>,
         #[command(flatten)]
         helper: HelperArgs,
+    },
+    /// Serve skopeo's image proxy protocol (0.2.8) for containers-storage: and oci: images on an
+    /// inherited SOCK_SEQPACKET socket: a drop-in for `skopeo experimental-image-proxy`.
+    /// The other flags are those the containers-image-proxy crate may append; they concern
+    /// registries and are accepted and ignored (see proto/image-proxy.md).
+    ExperimentalImageProxy {
+        /// The inherited socket's fd number.
+        #[arg(long, default_value_t = 0)]
+        sockfd: i32,
+        #[command(flatten)]
+        ignored: SkopeoFlags,
     },
     /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
     #[command(hide = true)]
@@ -252,6 +293,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..PullOptions::default()
             };
             pull(&source, &repo, &opts, json)
+        }
+        Cmd::ExperimentalImageProxy { sockfd, ignored: _ } => {
+            splitfdstream::imageproxy::serve(crate::adopt_socket_fd(sockfd)?)
         }
         Cmd::Helper {
             socket_fd,

@@ -18,13 +18,15 @@
 //!
 //! Modules mirror that shape: [`proto`] holds the wire formats (and imports nothing else from
 //! the crate), [`helper`] the serving side, [`client`] the parent side, [`repo`] the composefs
-//! repository writer and [`pull`] the import pipeline that joins them.
+//! repository writer and [`pull`] the import pipeline that joins them. [`imageproxy`] serves
+//! skopeo's image proxy protocol on top of [`client`].
 // No `unsafe` but one audited block: the SIMD SHA-512 entry (`repo::fsverity::sha512x8`),
 // which needs it only to enter code compiled for a CPU feature it has just detected.
 #![deny(unsafe_code)]
 
 pub mod client;
 pub mod helper;
+pub mod imageproxy;
 pub mod proto;
 pub mod pull;
 pub mod repo;
