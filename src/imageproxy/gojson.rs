@@ -270,20 +270,6 @@ impl RuntimeConfig {
         })
     }
 
-    /// `omitzero`: every field its zero value (a present but empty list or map is not zero).
-    fn is_zero(&self) -> bool {
-        self.user.as_deref().unwrap_or_default().is_empty()
-            && self.exposed_ports.is_none()
-            && self.env.is_none()
-            && self.entrypoint.is_none()
-            && self.cmd.is_none()
-            && self.volumes.is_none()
-            && self.working_dir.as_deref().unwrap_or_default().is_empty()
-            && self.labels.is_none()
-            && self.stop_signal.as_deref().unwrap_or_default().is_empty()
-            && !self.args_escaped
-    }
-
     fn write(&self, out: &mut String) {
         let mut o = Obj::new(out);
         let s = |v: &Option<String>| v.as_deref().filter(|s| !s.is_empty()).map(str::to_owned);
@@ -369,10 +355,10 @@ pub(crate) fn oci_config(raw: &[u8]) -> anyhow::Result<Vec<u8>> {
     if let Some(v) = string_field(&o, "variant")?.filter(|v| !v.is_empty()) {
         write_string(w.key("variant"), &v);
     }
-    let config = RuntimeConfig::decode(member(&o, "config"))?;
-    if !config.is_zero() {
-        config.write(w.key("config"));
-    }
+    // `config` is always written, as by skopeo built with image-spec before 1.1.1 (Debian's
+    // 1.9.3, which the differential test runs). Later image-spec tags it `omitzero`, so newer
+    // skopeo leaves out an empty one (`proto/image-proxy.md` §5).
+    RuntimeConfig::decode(member(&o, "config"))?.write(w.key("config"));
     write_rootfs(w.key("rootfs"), member(&o, "rootfs"))?;
     write_history(&mut w, member(&o, "history"))?;
     w.end();
@@ -575,11 +561,11 @@ mod tests {
             String::from_utf8(oci_runtime_config(raw).unwrap()).unwrap(),
             r#"{"ExposedPorts":{"80/tcp":{}},"Env":["PATH=/bin"],"Labels":{"a":"1","b":"2"}}"#
         );
-        // An empty runtime config is left out of the full config (`omitzero`), kept as `{}` alone.
+        // An empty runtime config is written as `{}`.
         let bare = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers"}}"#;
         assert_eq!(
             String::from_utf8(oci_config(bare).unwrap()).unwrap(),
-            r#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":null}}"#
+            r#"{"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":null}}"#
         );
         assert_eq!(oci_runtime_config(bare).unwrap(), b"{}");
         assert!(oci_config(br#"{"config":{"Env":"x"}}"#).is_err());
