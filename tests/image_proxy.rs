@@ -597,3 +597,98 @@ fn a_wrong_size_fails_at_finish_pipe() {
     let _ = raw.sock.as_fd();
     assert!(raw.shutdown().success());
 }
+
+// ---------------------------------------------------------------------------------------------
+// cfsctl through our proxy.
+
+/// `cfsctl oci pull containers-storage:IMG` (its default path, `--local-fetch disabled`, goes
+/// through `skopeo experimental-image-proxy`) with a `skopeo` first on PATH that runs our proxy:
+/// the pull succeeds and `cfsctl oci compute-id` equals the EROFS id of `splitfdstream pull`.
+#[test]
+fn cfsctl_pulls_through_our_proxy() {
+    let Some(f) = fixtures() else { return };
+    let Some(cfsctl) = common::tools::cfsctl() else {
+        eprintln!("SKIP: cfsctl not found (set CFSCTL or install composefs-ctl 0.9.4)");
+        return;
+    };
+    let base = f.out.join("repos");
+    std::fs::create_dir_all(&base).unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("proxy")
+        .tempdir_in(&base)
+        .unwrap();
+    // The crate runs `skopeo experimental-image-proxy FLAGS…`.
+    let bin_dir = dir.path().join("bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let script = bin_dir.join("skopeo");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = experimental-image-proxy ] && shift\nexec '{BIN}' experimental-image-proxy \"$@\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for name in ["basic", "many"] {
+        let image = f.image(name);
+        let source = format!("{}{}", f.store_arg(), image.reference);
+        let ours = dir.path().join(format!("ours-{name}"));
+        let out = Command::new(BIN)
+            .args(["pull", &source, "--repo"])
+            .arg(&ours)
+            .args(["--tag", name, "--json", "--insecure"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let theirs = dir.path().join(format!("theirs-{name}"));
+        let cfs = |args: &[&str]| {
+            Command::new(&cfsctl)
+                .arg("--repo")
+                .arg(&theirs)
+                .args(args)
+                .env("PATH", &path)
+                .output()
+                .unwrap()
+        };
+        if !cfs(&["init"]).status.success() {
+            let init = cfs(&["init", "--insecure"]);
+            assert!(
+                init.status.success(),
+                "{}",
+                String::from_utf8_lossy(&init.stderr)
+            );
+        }
+        let started = Instant::now();
+        let pulled = cfs(&["oci", "pull", &source, name]);
+        assert!(
+            pulled.status.success(),
+            "cfsctl oci pull {source} through our proxy: {}",
+            String::from_utf8_lossy(&pulled.stderr)
+        );
+        eprintln!(
+            "cfsctl oci pull {name} through our proxy: {:?}",
+            started.elapsed()
+        );
+        let id = cfs(&["oci", "compute-id", name]);
+        assert!(
+            id.status.success(),
+            "{}",
+            String::from_utf8_lossy(&id.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&id.stdout).trim(),
+            summary["erofsImage"].as_str().unwrap(),
+            "{name}: composefs image ids differ"
+        );
+    }
+}
