@@ -2,7 +2,7 @@
 //! records of compressed and uncompressed digests. The fixtures are pushed to a local
 //! `docker-registry` with podman and pulled back into a store of their own; each image is then
 //! pulled into composefs by name and by the digest podman reports, and compared with `cfsctl`'s
-//! own pull of the same store.
+//! own pull of the same store, and read through our image proxy with the reference client.
 //!
 //! `cfsctl oci pull --local-fetch auto containers-storage:REF` ignores storage.conf and the
 //! bracketed store syntax, but searches `$CONTAINERS_STORAGE_ROOT` before the default stores
@@ -19,6 +19,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fixtures::{FixtureImage, PrivateStore};
+use common::proxy_client;
 use common::tools::{cfs, cfsctl, run};
 use common::{Fixtures, fixtures};
 use sha2::{Digest, Sha256};
@@ -528,6 +529,19 @@ fn round_trip(compression: &str) {
         check_compressed(&store, &image.id, compression);
         let digest = store.podman_digest(reference);
         assert_eq!(&digest, pushed_digest, "{reference}");
+        // The registry-pulled image through our image proxy, with the reference client: the
+        // pulled manifest, the layers as their uncompressed tars, every digest checked.
+        let read = proxy_client::runtime().block_on(proxy_client::read_image(
+            Path::new(BIN),
+            &store.source(reference),
+        ));
+        assert_eq!(
+            read.manifest_digest, digest,
+            "{reference}: through the proxy"
+        );
+        let served: Vec<&str> = read.layers.iter().map(|(d, _)| d.as_str()).collect();
+        assert_eq!(served, image.diff_ids, "{reference}: layer infos");
+        assert_eq!(read.diff_ids, image.diff_ids, "{reference}: config");
         let name = reference.rsplit_once(':').unwrap().0;
         let by_digest = format!("{name}@{digest}");
         let dir = work.path().join(&image.name);

@@ -1,7 +1,8 @@
 //! Rootless: an unprivileged user pulls from their own podman store, the helper in a user
 //! namespace of its own (no podman on PATH, no root); the same inside `podman unshare`; the
 //! errors a broken setup gets; process hygiene through the namespace; and a privileged helper
-//! (`sudo -n`, `runuser`, `timeout`) for a parent that is not.
+//! (`sudo -n`, `runuser`, `timeout`) for a parent that is not; and the image proxy as the user:
+//! the reference client (`containers-image-proxy`) and `cfsctl oci pull` through it.
 //!
 //! Everything is made here, as root, with the real tools: a user with subordinate id ranges
 //! (`useradd`, `usermod --add-subuids`), a rootless overlay store built by podman *as that
@@ -16,6 +17,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::proxy_client;
 use common::tools::{cfs, cfsctl, run};
 use sha2::{Digest, Sha256};
 
@@ -790,5 +792,194 @@ fn privileged_helper_for_an_unprivileged_parent() {
             s.uid
         )),
         "{err}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The image proxy (`experimental-image-proxy`) as the user.
+
+/// Environment of the client half of [`the_reference_client_reads_the_users_store`]: the proxy
+/// program and the image to read.
+const CLIENT_PROGRAM: &str = "SFDS_PROXY_CLIENT_PROGRAM";
+const CLIENT_IMAGE: &str = "SFDS_PROXY_CLIENT_IMAGE";
+
+/// The line of the client half's stdout that carries its result.
+const CLIENT_RESULT: &str = "PROXY-CLIENT-RESULT ";
+
+/// Not a test of its own: the client half of [`the_reference_client_reads_the_users_store`],
+/// run *as the user* by re-executing this test binary with [`CLIENT_PROGRAM`] set (the reference
+/// client spawns the proxy itself, so the whole client process must be the user's). Without
+/// that variable it does nothing.
+#[test]
+fn proxy_client_half() {
+    let (Some(program), Ok(name)) = (
+        std::env::var_os(CLIENT_PROGRAM),
+        std::env::var(CLIENT_IMAGE),
+    ) else {
+        return;
+    };
+    assert!(
+        !rustix::process::geteuid().is_root(),
+        "the client half runs as the rootless user"
+    );
+    let read =
+        proxy_client::runtime().block_on(proxy_client::read_image(Path::new(&program), &name));
+    let result = serde_json::json!({
+        "manifestDigest": read.manifest_digest,
+        "layers": read.layers,
+        "diffIds": read.diff_ids,
+    });
+    println!("{CLIENT_RESULT}{result}");
+}
+
+/// The user's own `containers-storage:` image through our proxy, with the reference client in a
+/// process of the user's (no podman on PATH, only the id-mapping tools): manifest, full config,
+/// layer infos and every blob, each digest checked by the proxy and by the client.
+#[test]
+fn the_reference_client_reads_the_users_store() {
+    let Some(s) = setup() else { return };
+    let _serial = serial();
+    // This test binary, where the user can run it.
+    let client = s.base.join("bin").join("rootless-proxy-client");
+    let staged = client.with_extension("new");
+    std::fs::copy(std::env::current_exe().unwrap(), &staged).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, &client).unwrap();
+    let image = "containers-storage:localhost/rl-app:1";
+    let out = s.as_user(
+        &[
+            &format!("{CLIENT_PROGRAM}={}", s.bin.display()),
+            &format!("{CLIENT_IMAGE}={image}"),
+            client.to_str().unwrap(),
+        ],
+        &[
+            "--exact",
+            "proxy_client_half",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+        &s.tools_path(),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the reference client as the user: {}\n{stdout}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    let result: serde_json::Value = stdout
+        .lines()
+        // The harness prints "test NAME ... " before the line.
+        .find_map(|l| l.split_once(CLIENT_RESULT).map(|(_, json)| json))
+        .map(|j| serde_json::from_str(j).unwrap())
+        .unwrap_or_else(|| panic!("no result from the client half: {stdout}"));
+    // The same image as `splitfdstream inspect` sees it as the user.
+    let inspect = json(&s.sfds(&["inspect", image, "--json"], &s.tools_path()));
+    let diff_ids: Vec<&serde_json::Value> = inspect["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["diffId"])
+        .collect();
+    assert_eq!(diff_ids.len(), 3, "{inspect}");
+    let served: Vec<&serde_json::Value> = result["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l[0])
+        .collect();
+    assert_eq!(served, diff_ids, "{result}");
+    assert_eq!(
+        result["diffIds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .collect::<Vec<_>>(),
+        diff_ids
+    );
+}
+
+/// `cfsctl oci pull containers-storage:IMG` as the user (its default path, through `skopeo
+/// experimental-image-proxy`) with a `skopeo` first on PATH that runs our proxy: it succeeds
+/// where skopeo's own proxy cannot open a rootless store, and `cfsctl oci compute-id` equals the
+/// id of `splitfdstream pull` of the same image as the user.
+#[test]
+fn cfsctl_pulls_through_our_proxy_as_the_user() {
+    let Some(s) = setup() else { return };
+    let _serial = serial();
+    let image = "containers-storage:localhost/rl-app:1";
+    let dir = s.user_dir("cfsctl-proxy");
+    // cfsctl run by a non-root user spawns `podman unshare skopeo experimental-image-proxy …`
+    // (composefs-oci 0.9.4), so the user gets a `podman` that, for exactly that, runs our
+    // proxy, which needs no namespace made for it; and a `skopeo` for the root form.
+    let wrappers = dir.path().join("bin");
+    std::fs::create_dir(&wrappers).unwrap();
+    let proxy = format!(
+        "exec '{}' experimental-image-proxy \"$@\"\n",
+        s.bin.display()
+    );
+    let scripts = [
+        (
+            "skopeo",
+            format!("#!/bin/sh\n[ \"$1\" = experimental-image-proxy ] && shift\n{proxy}"),
+        ),
+        (
+            "podman",
+            format!(
+                "#!/bin/sh\n[ \"$1 $2 $3\" = 'unshare skopeo experimental-image-proxy' ] || \
+                 {{ echo \"podman shim: $*\" >&2; exit 2; }}\nshift 3\n{proxy}"
+            ),
+        ),
+    ];
+    chown_user(&wrappers, s.uid);
+    for (name, text) in scripts {
+        let script = wrappers.join(name);
+        std::fs::write(&script, text).unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        chown_user(&script, s.uid);
+    }
+    let ours = dir.path().join("ours");
+    let summary = json(&s.sfds(
+        &[
+            "pull",
+            image,
+            "--repo",
+            ours.to_str().unwrap(),
+            "--tag",
+            "app",
+            "--insecure",
+            "--json",
+        ],
+        &s.tools_path(),
+    ));
+    let theirs = dir.path().join("theirs");
+    let path = format!("{}:{}", wrappers.display(), s.tools_path());
+    let cfsctl = |args: &[&str]| {
+        let mut all = vec!["--repo", theirs.to_str().unwrap()];
+        all.extend_from_slice(args);
+        s.as_user(&[s.cfsctl.to_str().unwrap()], &all, &path)
+    };
+    if !cfsctl(&["init"]).status.success() {
+        assert_ok(&cfsctl(&["init", "--insecure"]), "cfsctl init as the user");
+    }
+    let started = Instant::now();
+    assert_ok(
+        &cfsctl(&["oci", "pull", image, "app"]),
+        "cfsctl oci pull through our proxy as the user",
+    );
+    println!(
+        "cfsctl oci pull as the user through our proxy: {:?}",
+        started.elapsed()
+    );
+    let id = cfsctl(&["oci", "compute-id", "app"]);
+    assert_ok(&id, "cfsctl oci compute-id as the user");
+    assert_eq!(
+        String::from_utf8_lossy(&id.stdout).trim(),
+        summary["erofsImage"].as_str().unwrap(),
+        "composefs image ids differ"
+    );
+    assert_eq!(
+        summary["erofsImage"].as_str(),
+        Some(root_image_id(s).as_str())
     );
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fixtures;
+pub mod proxy_client;
 pub mod tools;
 
 use std::io::Read;
