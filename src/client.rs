@@ -144,15 +144,13 @@ impl UsernsMode {
     }
 }
 
-/// A running helper and the connection to it. Dropping it kills and reaps the helper.
+/// A connection to a helper, and the helper process when this client started it. Dropping it
+/// kills and reaps that process.
 #[derive(Debug)]
 pub struct Proxy {
     transport: Transport,
-    child: Child,
-    pidfd: OwnedFd,
-    stderr: Arc<Mutex<StderrTail>>,
-    /// Reads the helper's stderr; joined on drop so no thread or pipe outlives the proxy.
-    stderr_reader: Option<std::thread::JoinHandle<()>>,
+    /// `None` for a connection made by someone else ([`Proxy::attach`]).
+    process: Option<HelperProcess>,
     next_id: u64,
     fd_batch: u32,
     readahead: u64,
@@ -209,12 +207,110 @@ pub enum ProxyError {
     },
 }
 
+/// A helper process this client started, with the reader of its stderr. Dropping it kills and
+/// reaps the helper.
+#[derive(Debug)]
+pub(crate) struct HelperProcess {
+    child: Child,
+    /// Raced against every blocking wait, so a dead helper is an error, never a hang.
+    pidfd: OwnedFd,
+    stderr: Arc<Mutex<StderrTail>>,
+    /// Reads the helper's stderr; joined on drop so no thread or pipe outlives the process.
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl HelperProcess {
+    fn pid(&self) -> rustix::process::Pid {
+        rustix::process::Pid::from_child(&self.child)
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        // PR_SET_PDEATHSIG in the helper is only a backstop; the parent ends the child itself.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        // The reader sees EOF once the helper is gone, unless something the helper started
+        // still holds its stderr; then it is left to finish on its own rather than block here.
+        if let Some(reader) = self.stderr_reader.take() {
+            let deadline = Instant::now() + STDERR_GRACE;
+            while !reader.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if reader.is_finished() {
+                let _ = reader.join();
+            }
+        }
+    }
+}
+
 impl Proxy {
     /// Start a helper for `config.store` and initialize the session.
     ///
     /// # Errors
     /// The helper cannot be started, dies, or speaks an incompatible protocol.
     pub fn spawn(config: &ProxyConfig) -> anyhow::Result<Proxy> {
+        let mut proxy = Self::start(config)?;
+        proxy.initialize()?;
+        Ok(proxy)
+    }
+
+    /// Initialize a session on `sock`, a socket already connected to a helper that someone
+    /// else started: the fd `OpenJSONRPCFdPass` of `splitfdstream experimental-image-proxy`
+    /// returns (`proto/image-proxy.md`), or one end of a socketpair whose other end a helper
+    /// was given as `--socket-fd`. Without a process to watch, a helper that dies is seen as
+    /// the connection closing; [`helper_pid`](Self::helper_pid) is `None`.
+    ///
+    /// # Errors
+    /// The peer does not answer `Initialize`, or speaks an incompatible protocol.
+    pub fn attach(sock: OwnedFd) -> anyhow::Result<Proxy> {
+        let mut proxy = Self::from_parts(sock, None);
+        proxy
+            .initialize()
+            .context("initializing a session on an inherited helper socket")?;
+        Ok(proxy)
+    }
+
+    /// Start a helper for `config.store` (its user namespace mapped where it has one) without
+    /// initializing a session: the connected socket, for another process to
+    /// [`attach`](Self::attach) to, and the process, which lives as long as the returned value.
+    pub(crate) fn spawn_detached(config: &ProxyConfig) -> anyhow::Result<(OwnedFd, HelperProcess)> {
+        let mut proxy = Self::start(config)?;
+        let process = proxy
+            .process
+            .take()
+            .expect("a started helper has a process");
+        // A duplicate: this `Proxy`'s own descriptor closes with it. Nothing has been received
+        // on the socket yet, so no buffered bytes are lost.
+        let sock = proxy
+            .transport
+            .as_fd()
+            .try_clone_to_owned()
+            .context("duplicating the helper socket")?;
+        Ok((sock, process))
+    }
+
+    /// `Initialize`, with the version check.
+    fn initialize(&mut self) -> anyhow::Result<()> {
+        let (info, _): (rpc::InitializeResult, _) =
+            self.call(&Request::Initialize(rpc::InitializeParams {
+                protocol_version: Some(rpc::PROTOCOL_VERSION.into()),
+            }))?;
+        if !rpc::version_compatible(&info.protocol_version) {
+            return Err(ProxyError::VersionMismatch {
+                theirs: info.protocol_version,
+                ours: rpc::PROTOCOL_VERSION,
+            }
+            .into());
+        }
+        self.info = info;
+        Ok(())
+    }
+
+    /// Start a helper and connect to it; no session yet.
+    fn start(config: &ProxyConfig) -> anyhow::Result<Proxy> {
         use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
         let userns_store = UsernsMode::decide(config)?;
         // Read before anything starts, so a missing range is the first and only error.
@@ -288,18 +384,6 @@ impl Proxy {
                 .map_user_namespace(&maps, entered)
                 .context("starting a rootless helper")?;
         }
-        let (info, _): (rpc::InitializeResult, _) =
-            proxy.call(&Request::Initialize(rpc::InitializeParams {
-                protocol_version: Some(rpc::PROTOCOL_VERSION.into()),
-            }))?;
-        if !rpc::version_compatible(&info.protocol_version) {
-            return Err(ProxyError::VersionMismatch {
-                theirs: info.protocol_version,
-                ours: rpc::PROTOCOL_VERSION,
-            }
-            .into());
-        }
-        proxy.info = info;
         Ok(proxy)
     }
 
@@ -327,18 +411,25 @@ impl Proxy {
                 }
             }
         }
+        let process = HelperProcess {
+            child,
+            pidfd,
+            stderr,
+            stderr_reader,
+        };
+        Ok(Self::from_parts(sock, Some(process)))
+    }
+
+    fn from_parts(sock: OwnedFd, process: Option<HelperProcess>) -> Proxy {
         let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
             .current
             .unwrap_or(u64::MAX);
         let fd_batch = u32::try_from(soft.saturating_sub(RESERVED_FDS) / 2)
             .unwrap_or(rpc::MAX_FDS_PER_REPLY)
             .clamp(1, rpc::MAX_FDS_PER_REPLY);
-        Ok(Proxy {
+        Proxy {
             transport: Transport::new(sock),
-            child,
-            pidfd,
-            stderr,
-            stderr_reader,
+            process,
             next_id: 1,
             fd_batch,
             readahead: DEFAULT_READAHEAD,
@@ -347,7 +438,7 @@ impl Proxy {
                 helper_version: String::new(),
                 capabilities: vec![],
             },
-        })
+        }
     }
 
     /// The parent's half of the rootless handshake (see [`crate::userns`]): wait until the
@@ -357,9 +448,18 @@ impl Proxy {
         maps: &crate::userns::IdMaps,
         entered: OwnedFd,
     ) -> anyhow::Result<()> {
+        let process = self
+            .process
+            .as_ref()
+            .expect("a started helper has a process");
+        let pid = process.pid();
         let mut byte = [0u8; 1];
-        let got = wait_readable(entered.as_fd(), self.pidfd.as_fd(), HANDSHAKE_TIMEOUT)
-            .and_then(|()| Ok(rustix::io::read(&entered, &mut byte)?));
+        let got = wait_readable(
+            entered.as_fd(),
+            Some(process.pidfd.as_fd()),
+            HANDSHAKE_TIMEOUT,
+        )
+        .and_then(|()| Ok(rustix::io::read(&entered, &mut byte)?));
         match got {
             Ok(1) if byte[0] == crate::userns::ENTERED => {}
             Ok(_) | Err(_) => {
@@ -369,7 +469,7 @@ impl Proxy {
                     .unwrap_or_else(|| anyhow!("the helper did not enter its namespace: {why}")));
             }
         }
-        maps.apply(self.helper_pid())?;
+        maps.apply(pid)?;
         rustix::net::send(
             &self.transport,
             &[crate::userns::MAPPED],
@@ -387,9 +487,10 @@ impl Proxy {
         &self.info
     }
 
-    /// The helper's process id (for diagnostics and tests).
-    pub fn helper_pid(&self) -> rustix::process::Pid {
-        rustix::process::Pid::from_child(&self.child)
+    /// The helper's process id (for diagnostics and tests); `None` for a helper this client did
+    /// not start ([`attach`](Self::attach)).
+    pub fn helper_pid(&self) -> Option<rustix::process::Pid> {
+        self.process.as_ref().map(HelperProcess::pid)
     }
 
     /// Most fds asked for per `GetLayerFds`: half of this process's soft RLIMIT_NOFILE (less a
@@ -421,7 +522,7 @@ impl Proxy {
                 .exit_error()
                 .unwrap_or_else(|| anyhow::Error::new(e).context("sending request to helper")));
         }
-        let pidfd = self.pidfd.as_fd();
+        let pidfd = self.process.as_ref().map(|p| p.pidfd.as_fd());
         let received = self
             .transport
             .recv_with(&mut |sock| wait_readable(sock, pidfd, None));
@@ -460,9 +561,10 @@ impl Proxy {
     /// If the helper has exited, the error describing how (with its stderr tail).
     fn exit_error(&mut self) -> Option<anyhow::Error> {
         // Give a dying helper a moment: an EOF on the socket can precede the exit by microseconds.
+        let process = self.process.as_mut()?;
         let deadline = Instant::now() + Duration::from_millis(500);
         let status = loop {
-            match self.child.try_wait() {
+            match process.child.try_wait() {
                 Ok(Some(s)) => break s,
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5))
@@ -471,12 +573,12 @@ impl Proxy {
             }
         };
         let deadline = Instant::now() + STDERR_GRACE;
-        while !self.stderr.lock().unwrap_or_else(|e| e.into_inner()).eof
+        while !process.stderr.lock().unwrap_or_else(|e| e.into_inner()).eof
             && Instant::now() < deadline
         {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let tail = self.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let tail = process.stderr.lock().unwrap_or_else(|e| e.into_inner());
         let bytes: Vec<u8> = tail.bytes.iter().copied().collect();
         let text = String::from_utf8_lossy(&bytes).trim().to_string();
         let stderr = if text.is_empty() {
@@ -546,15 +648,18 @@ impl Proxy {
         })
     }
 
-    /// End the session cleanly and reap the helper.
+    /// End the session cleanly and reap the helper (when this client started it).
     ///
     /// # Errors
     /// The helper failed to shut down cleanly.
     pub fn shutdown(mut self) -> anyhow::Result<()> {
         let (_, _): (Value, _) = self.call(&Request::Shutdown(rpc::ShutdownParams {}))?;
+        let Some(process) = self.process.as_mut() else {
+            return Ok(());
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            if let Some(status) = self.child.try_wait().context("waiting for helper")? {
+            if let Some(status) = process.child.try_wait().context("waiting for helper")? {
                 if !status.success() {
                     bail!("helper exited with {status} after Shutdown");
                 }
@@ -564,27 +669,6 @@ impl Proxy {
                 bail!("helper did not exit within 5 s of Shutdown");
             }
             std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        // PR_SET_PDEATHSIG in the helper is only a backstop; the parent ends the child itself.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-        // The reader sees EOF once the helper is gone, unless something the helper started
-        // still holds its stderr; then it is left to finish on its own rather than block here.
-        if let Some(reader) = self.stderr_reader.take() {
-            let deadline = Instant::now() + STDERR_GRACE;
-            while !reader.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            if reader.is_finished() {
-                let _ = reader.join();
-            }
         }
     }
 }
@@ -616,16 +700,14 @@ fn spawn_stderr_reader(
 /// first.
 fn wait_readable(
     sock: BorrowedFd<'_>,
-    pidfd: BorrowedFd<'_>,
+    pidfd: Option<BorrowedFd<'_>>,
     timeout: Option<Duration>,
 ) -> std::io::Result<()> {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
-        let mut fds = [
-            PollFd::new(&sock, PollFlags::IN),
-            PollFd::new(&pidfd, PollFlags::IN),
-        ];
+        let mut fds = vec![PollFd::new(&sock, PollFlags::IN)];
+        fds.extend(pidfd.as_ref().map(|p| PollFd::new(p, PollFlags::IN)));
         let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         if left == Some(Duration::ZERO) {
             return Err(std::io::Error::new(
@@ -646,7 +728,7 @@ fn wait_readable(
         if !fds[0].revents().is_empty() {
             return Ok(());
         }
-        if !fds[1].revents().is_empty() {
+        if fds.get(1).is_some_and(|p| !p.revents().is_empty()) {
             return Err(std::io::Error::other("helper exited"));
         }
     }

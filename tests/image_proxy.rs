@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -691,4 +692,76 @@ fn cfsctl_pulls_through_our_proxy() {
             "{name}: composefs image ids differ"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fd fast path: `OpenJSONRPCFdPass`.
+
+/// `OpenJSONRPCFdPass` hands the client a socket speaking this crate's own protocol for the store
+/// of the images opened so far; a client attaches to it with `client::Proxy::attach` and streams
+/// a layer as a splitfdstream (bodies as fds), rebuilding the exact tar.
+#[test]
+fn open_jsonrpc_fd_pass_streams_a_layer_with_our_client() {
+    use splitfdstream::client::{LayerItem, Proxy};
+    use splitfdstream::proto::rpc::LayerSelector;
+    let Some(f) = fixtures() else { return };
+    let basic = f.image("basic");
+    let raw = Raw::spawn();
+    raw.request("Initialize", serde_json::json!([]));
+    assert_error(
+        &raw.request("OpenJSONRPCFdPass", serde_json::json!([])).0,
+        "no image opened yet",
+    );
+    assert_error(
+        &raw.request("OpenJSONRPCFdPass", serde_json::json!([1])).0,
+        "takes 0 arguments",
+    );
+    let (r, _) = raw.request(
+        "OpenImage",
+        serde_json::json!([format!("{}{}", f.store_arg(), basic.reference)]),
+    );
+    assert_eq!(r["success"], true, "{r}");
+    let (r, mut fds) = raw.request("OpenJSONRPCFdPass", serde_json::json!([]));
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(
+        (r["value"].clone(), r["pipeid"].clone()),
+        (serde_json::Value::Null, 0.into())
+    );
+    assert_eq!(fds.len(), 1, "one socket");
+    let mut proxy = Proxy::attach(fds.pop().unwrap()).expect("Initialize on the passed socket");
+    assert!(proxy.helper_pid().is_none());
+    let image = proxy
+        .open_image(&basic.reference)
+        .expect("OpenImage over the socket");
+    assert_eq!(image.layers.len(), basic.diff_ids.len());
+    for (i, diff_id) in basic.diff_ids.iter().enumerate() {
+        let mut layer = proxy
+            .get_layer(image.image, LayerSelector::Index(i as u64), None)
+            .unwrap();
+        let (mut tar, mut files) = (Vec::new(), 0);
+        while let Some(item) = layer.next_item().unwrap() {
+            match item {
+                LayerItem::Inline(bytes) => tar.extend_from_slice(bytes),
+                LayerItem::File { fd, size, .. } => {
+                    files += 1;
+                    let mut body = vec![0u8; size as usize];
+                    std::fs::File::from(fd)
+                        .read_exact(&mut body)
+                        .expect("reading a body");
+                    tar.extend_from_slice(&body);
+                }
+            }
+        }
+        drop(layer);
+        assert_eq!(
+            &sha256(&tar),
+            diff_id,
+            "layer {i} rebuilt from the passed socket"
+        );
+        println!("layer {i}: {} bytes, {files} bodies as fds", tar.len());
+    }
+    proxy
+        .shutdown()
+        .expect("Shutdown of the passed socket's helper");
+    assert!(raw.shutdown().success());
 }

@@ -184,7 +184,7 @@ fn sigkill_mid_request_is_reported_within_a_second() {
         .unwrap();
     rustix::fs::fcntl_lock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
     let mut proxy = Proxy::spawn(&config(private.store())).unwrap();
-    let pid = proxy.helper_pid();
+    let pid = proxy.helper_pid().expect("a spawned helper");
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(300));
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();

@@ -41,6 +41,10 @@ pub const PROTOCOL_VERSION: &str = "0.2.8";
 /// rather than letting a client exhaust the machine.
 const MAX_PIPES: usize = 64;
 
+/// Most sockets `OpenJSONRPCFdPass` hands out per session. Each is a helper process that lives
+/// until the session ends: beyond this a request fails rather than piling up processes.
+const MAX_FD_PASS: usize = 16;
+
 /// The image handle that means "not found" in `OpenImageOptional`.
 const NOT_FOUND_ID: u64 = 0;
 
@@ -64,6 +68,10 @@ struct Server {
     pipes: HashMap<u32, JoinHandle<PipeOutcome>>,
     next_pipe: u32,
     helpers: Arc<Helpers>,
+    /// The stores of every image opened so far (each once), for `OpenJSONRPCFdPass`.
+    stores: Vec<crate::proto::source::Store>,
+    /// The helpers whose sockets `OpenJSONRPCFdPass` handed out; they end with the session.
+    fd_pass: Vec<crate::client::HelperProcess>,
 }
 
 /// What a request asks of the serving loop.
@@ -152,6 +160,7 @@ impl Server {
             "GetBlob" => self.get_blob(req),
             "GetRawBlob" => self.get_raw_blob(req),
             "FinishPipe" => self.finish_pipe(req),
+            "OpenJSONRPCFdPass" => self.open_fd_pass(req),
             other => Err(Failure::other(format!("unknown method: {other}"))),
         }
     }
@@ -170,10 +179,51 @@ impl Server {
             Err(e) => return Err(Failure::from(e.context(format!("opening image {name:?}")))),
         };
         self.helpers.give(&source.store, helper);
+        if !self.stores.contains(&source.store) {
+            self.stores.push(source.store.clone());
+        }
         let image = Image::new(name, source, opened)?;
         self.next_image += 1;
         self.images.insert(self.next_image, image);
         Ok(Reply::value(self.next_image))
+    }
+
+    /// `OpenJSONRPCFdPass` (containers/container-libs PR #651): a helper of this crate for the
+    /// store of the images opened so far, and the client's end of its socket, on which the
+    /// client speaks `proto/rpc.md` (starting with `Initialize`).
+    fn open_fd_pass(&mut self, req: &Request) -> Result<Reply, Failure> {
+        arity(req, 0, "[]")?;
+        let store = match self.stores.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(Failure::other(
+                    "OpenJSONRPCFdPass: no image opened yet, so no store to serve",
+                ));
+            }
+            many => {
+                let names: Vec<String> = many.iter().map(ToString::to_string).collect();
+                return Err(Failure::other(format!(
+                    "OpenJSONRPCFdPass: images of {} stores were opened ({}); a socket serves one",
+                    many.len(),
+                    names.join(", ")
+                )));
+            }
+        };
+        if self.fd_pass.len() >= MAX_FD_PASS {
+            return Err(Failure::other(format!(
+                "OpenJSONRPCFdPass: {MAX_FD_PASS} sockets already handed out in this session"
+            )));
+        }
+        let config = crate::client::ProxyConfig::new(store.clone());
+        let (sock, process) = crate::client::Proxy::spawn_detached(&config).map_err(|e| {
+            Failure::from(e.context(format!("OpenJSONRPCFdPass: starting a helper for {store}")))
+        })?;
+        self.fd_pass.push(process);
+        Ok(Reply {
+            value: Value::Null,
+            pipeid: 0,
+            fds: vec![sock],
+        })
     }
 
     fn image_id(&self, v: &Value) -> Result<u64, Failure> {
