@@ -13,9 +13,10 @@ use sha2::{Digest, Sha256, Sha512};
 
 use super::image::BlobSource;
 use super::wire::Failure;
-use crate::client::{Proxy, ProxyConfig};
+use crate::client::{LayerItem, Proxy, ProxyConfig};
 use crate::proto::rpc::LayerSelector;
 use crate::proto::source::Store;
+use crate::repo::SourceTrust;
 
 /// Pipe buffer asked for each blob pipe: fewer wakeups per megabyte than the default 64 KiB.
 /// Only a request: an unprivileged user over `pipe-user-pages-soft` keeps the default.
@@ -189,9 +190,10 @@ fn write_blob(w: &OwnedFd, job: BlobJob, helpers: &Helpers) -> anyhow::Result<()
             store,
             reference,
             diff_id,
+            trust,
         } => {
             let mut helper = job.helper.context("no helper for a layer blob")?;
-            let n = write_layer(&mut helper, &reference, &diff_id, &out)?;
+            let n = write_layer(&mut helper, &reference, &diff_id, &out, trust)?;
             // Only a helper whose stream ended cleanly is reused.
             helpers.give(&store, helper);
             n
@@ -224,22 +226,129 @@ fn write_blob(w: &OwnedFd, job: BlobJob, helpers: &Helpers) -> anyhow::Result<()
     Ok(())
 }
 
-/// Stream the layer `diff_id` through `helper` as its exact tar into `out`; the tar is checked
-/// against the diff_id ([`crate::sink::write_layer_tar`]). Returns the bytes written.
+/// Stream the layer `diff_id` through `helper` as its exact tar into `out`, hashing every byte
+/// and checking the tar against the diff_id. Returns the bytes written.
+///
+/// Headers, padding and small bodies arrive inline and are written from the buffer that was
+/// hashed. A body whose file `trust` trusts is hashed by `pread` and then moved into the pipe
+/// with `splice`, never copied through user space; any other body is copied through the buffer
+/// that feeds the hash, so an untrusted file changed meanwhile cannot reach the client unhashed.
 fn write_layer(
     helper: &mut Helper,
     reference: &str,
     diff_id: &str,
     out: &File,
+    trust: SourceTrust,
 ) -> anyhow::Result<u64> {
     let image = helper.handle(reference)?;
     let mut stream = helper
         .proxy
         .get_layer(image, LayerSelector::DiffId(diff_id.to_owned()), None)
         .with_context(|| format!("layer {diff_id} of {reference:?}"))?;
-    let mut w = out;
-    let stats = crate::sink::write_layer_tar(&mut stream, &mut w, false)?;
-    Ok(stats.bytes)
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; COPY_BUF];
+    let (mut written, mut bodies) = (0u64, 0u64);
+    while let Some(item) = stream.next_item()? {
+        match item {
+            LayerItem::Inline(bytes) => {
+                sha.update(bytes);
+                (&*out)
+                    .write_all(bytes)
+                    .context("writing to the client's pipe")?;
+                written += bytes.len() as u64;
+            }
+            LayerItem::File { fd, size, .. } => {
+                bodies += 1;
+                let file = File::from(fd);
+                let trusted = rustix::fs::fstat(&file).is_ok_and(|st| trust.trusts(&st));
+                let moved = if trusted {
+                    hash_range(&file, size, &mut buf, &mut sha)
+                        .and_then(|()| splice_range(&file, size, out))
+                } else {
+                    copy_range(&file, size, &mut buf, &mut sha, out)
+                };
+                moved.with_context(|| {
+                    format!("layer {diff_id}: body {bodies} (tar offset {written})")
+                })?;
+                written += size;
+            }
+        }
+    }
+    drop(stream);
+    let actual = format!("sha256:{}", hex::encode(sha.finalize()));
+    if actual != diff_id {
+        bail!("layer {diff_id}: the rebuilt tar hashes to {actual}; refusing it");
+    }
+    Ok(written)
+}
+
+/// `pread` into `buf`, retrying on `EINTR`; an early end of file is an error.
+fn pread_some(file: &File, buf: &mut [u8], offset: u64, size: u64) -> anyhow::Result<usize> {
+    loop {
+        match rustix::io::pread(file, &mut *buf, offset) {
+            Ok(0) => bail!("ended after {offset} of its {size} bytes"),
+            Ok(n) => return Ok(n),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e).context(format!("reading at offset {offset}")),
+        }
+    }
+}
+
+/// Feed the first `size` bytes of `file` to `sha`, read by position (the helper may share the
+/// fd's file offset).
+fn hash_range(file: &File, size: u64, buf: &mut [u8], sha: &mut Sha256) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    while offset < size {
+        let want = usize::try_from((size - offset).min(buf.len() as u64)).expect("≤ buf.len()");
+        let n = pread_some(file, &mut buf[..want], offset, size)?;
+        sha.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Copy the first `size` bytes of `file` to `out` through `buf`, which also feeds `sha`.
+fn copy_range(
+    file: &File,
+    size: u64,
+    buf: &mut [u8],
+    sha: &mut Sha256,
+    out: &File,
+) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    while offset < size {
+        let want = usize::try_from((size - offset).min(buf.len() as u64)).expect("≤ buf.len()");
+        let n = pread_some(file, &mut buf[..want], offset, size)?;
+        sha.update(&buf[..n]);
+        (&*out)
+            .write_all(&buf[..n])
+            .context("writing to the client's pipe")?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Move the first `size` bytes of `file` into the pipe `out` with `splice`, by position.
+fn splice_range(file: &File, size: u64, out: &File) -> anyhow::Result<()> {
+    let mut offset = 0u64;
+    while offset < size {
+        let want = usize::try_from((size - offset).min(COPY_BUF as u64)).expect("≤ COPY_BUF");
+        match rustix::pipe::splice(
+            file.as_fd(),
+            Some(&mut offset),
+            out.as_fd(),
+            None,
+            want,
+            rustix::pipe::SpliceFlags::MOVE,
+        ) {
+            Ok(0) => bail!("ended after {offset} of its {size} bytes"),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(e).context(format!("splicing at offset {offset} to the client's pipe"));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A running digest of one of the algorithms OCI digests use.

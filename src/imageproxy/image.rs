@@ -1,6 +1,7 @@
 //! Opened images and the metadata answers skopeo gives for them: the manifest (converted to
 //! OCI), the re-marshalled config, and the layer infos (`proto/image-proxy.md` §3).
 
+use crate::repo::SourceTrust;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -73,6 +74,27 @@ pub(crate) struct Image {
     pub(crate) config_digest: String,
     /// The layers, base first, as the helper resolved them.
     pub(crate) layers: Vec<LayerInfo>,
+    /// Whose diff files may be moved to the client unread (see [`store_trust`]).
+    trust: SourceTrust,
+}
+
+/// Whose files of a store the proxy may move into a pipe with `splice` after hashing them by
+/// a separate read: files owned by root or by this process's user, writable by nobody else,
+/// when the store's root (as the helper reports it) is such a directory too. Nobody who could
+/// change such a file between its hash and its splice could not have changed the proxy's
+/// answers anyway (the same rule as `pull`'s, [`SourceTrust::Owners`]). Every other file —
+/// a rootless store's, whose owners are subordinate ids — is copied through the buffer that
+/// is hashed, so the client only ever gets bytes that were hashed.
+fn store_trust(store_root: Option<&str>) -> SourceTrust {
+    let uid = rustix::process::geteuid().as_raw();
+    let trusted = store_root
+        .and_then(|root| rustix::fs::stat(root).ok())
+        .is_some_and(|st| SourceTrust::Owners { uid }.trusts(&st));
+    if trusted {
+        SourceTrust::Owners { uid }
+    } else {
+        SourceTrust::Untrusted
+    }
 }
 
 /// Where `GetBlob` finds a digest of an image.
@@ -90,6 +112,8 @@ pub(crate) enum BlobSource {
         reference: String,
         /// The layer's diff_id.
         diff_id: String,
+        /// Which bodies may be spliced rather than copied.
+        trust: SourceTrust,
     },
 }
 
@@ -128,7 +152,9 @@ impl Image {
             .with_context(|| format!("parsing the manifest of image {name:?}"))?;
         let manifest_type = ManifestType::guess(&manifest_json);
         let config = opened.config.into_bytes();
+        let trust = store_trust(opened.store_root.as_deref());
         Ok(Image {
+            trust,
             name: name.to_owned(),
             source,
             config_digest: sha256_digest(&config),
@@ -276,6 +302,7 @@ impl Image {
                         store: self.source.store.clone(),
                         reference: self.source.reference.clone(),
                         diff_id: layer.diff_id.clone(),
+                        trust: self.trust,
                     },
                     size,
                 ))
