@@ -29,4 +29,5 @@ pub mod proto;
 pub mod pull;
 pub mod repo;
 pub mod sink;
+pub mod unpack;
 pub mod userns;
