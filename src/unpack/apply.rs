@@ -285,9 +285,8 @@ impl<'a> Applier<'a> {
         name: &[u8],
         target: &[u8],
     ) -> anyhow::Result<()> {
-        let target_path = TarPath::parse(target).with_context(|| {
-            format!("hard link target {:?}", String::from_utf8_lossy(target))
-        })?;
+        let target_path = TarPath::parse(target)
+            .with_context(|| format!("hard link target {:?}", String::from_utf8_lossy(target)))?;
         let Some(target_name) = target_path.name() else {
             bail!("a hard link to the root directory");
         };
@@ -297,13 +296,14 @@ impl<'a> Applier<'a> {
             .map_err(|e| resolve_error(e, &target_path.components))
             .with_context(|| format!("hard link target {:?}", String::from_utf8_lossy(target)))?;
         // Flags 0: a symlink target is linked itself, not followed.
-        rustix::fs::linkat(&target_dir, target_name, parent, name, AtFlags::empty())
-            .with_context(|| {
+        rustix::fs::linkat(&target_dir, target_name, parent, name, AtFlags::empty()).with_context(
+            || {
                 format!(
                     "linking to {:?}",
                     String::from_utf8_lossy(&target_path.joined())
                 )
-            })
+            },
+        )
     }
 
     fn record_dir(&mut self, joined: Vec<u8>, e: &Entry) {
@@ -378,7 +378,12 @@ impl<'a> Applier<'a> {
 
     /// Remove from `dir` (at `base`) everything the current layer did not place, keeping
     /// what it placed in directories it placed.
-    fn clear_lower(&mut self, dir: BorrowedFd<'_>, base: &[u8], depth: usize) -> anyhow::Result<()> {
+    fn clear_lower(
+        &mut self,
+        dir: BorrowedFd<'_>,
+        base: &[u8],
+        depth: usize,
+    ) -> anyhow::Result<()> {
         ensure!(depth < 4096, "directories nested too deep");
         for child in list_dir(dir)? {
             let mut joined = base.to_vec();
@@ -437,7 +442,10 @@ impl<'a> Applier<'a> {
             bail!("owner {}:{} is beyond 32 bits", e.uid, e.gid);
         };
         // SAFETY-free: from_raw is a plain conversion in rustix.
-        let (uid, gid) = (rustix::fs::Uid::from_raw(uid), rustix::fs::Gid::from_raw(gid));
+        let (uid, gid) = (
+            rustix::fs::Uid::from_raw(uid),
+            rustix::fs::Gid::from_raw(gid),
+        );
         let name: &[u8] = if name == b"." { b"" } else { name };
         let flags = if name.is_empty() {
             AtFlags::EMPTY_PATH
@@ -491,7 +499,9 @@ impl<'a> Applier<'a> {
                 self.warn_once("xattrs", &msg);
                 Ok(())
             }
-            Err(e) => Err(e).with_context(|| format!("setting xattr {}", String::from_utf8_lossy(key))),
+            Err(e) => {
+                Err(e).with_context(|| format!("setting xattr {}", String::from_utf8_lossy(key)))
+            }
         }
     }
 

@@ -62,7 +62,9 @@ impl Copier {
         size: u64,
     ) -> anyhow::Result<()> {
         self.stats.bytes += size;
-        let dev = rustix::fs::fstat(src).context("inspecting a body fd")?.st_dev;
+        let dev = rustix::fs::fstat(src)
+            .context("inspecting a body fd")?
+            .st_dev;
         if !self.no_reflink_from.contains(&dev) {
             match rustix::fs::ioctl_ficlone(dst, src) {
                 Ok(()) => {
@@ -77,7 +79,9 @@ impl Copier {
                     return Ok(());
                 }
                 // Not supported here (ext4, tmpfs) or not the same filesystem: remember.
-                Err(Errno::OPNOTSUPP | Errno::XDEV | Errno::NOTTY | Errno::INVAL | Errno::NOSYS) => {
+                Err(
+                    Errno::OPNOTSUPP | Errno::XDEV | Errno::NOTTY | Errno::INVAL | Errno::NOSYS,
+                ) => {
                     self.no_reflink_from.insert(dev);
                 }
                 // Anything else shows up again when the body is read.
@@ -118,7 +122,10 @@ impl Copier {
             let want = usize::try_from((size - done).min(COPY_BUF as u64)).expect("≤ buffer");
             let buf = &mut self.buf()[..want];
             let n = pread(src, buf, done).with_context(|| format!("reading at offset {done}"))?;
-            ensure!(n > 0, "the source file ends after {done} of its {size} bytes");
+            ensure!(
+                n > 0,
+                "the source file ends after {done} of its {size} bytes"
+            );
             write_all_at(dst, &self.buf[..n], done)?;
             done += n as u64;
         }

@@ -14,8 +14,7 @@ use anyhow::{Context, bail, ensure};
 
 use crate::client::{LayerItem, LayerStream};
 use crate::proto::tar::{
-    self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN, Pax1MapReader, SparseEntry, SparseFormat,
-    SparseMap,
+    self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN, Pax1MapReader, SparseEntry, SparseFormat, SparseMap,
 };
 
 /// Offsets of the ustar header fields read here.
@@ -62,8 +61,14 @@ pub(crate) enum Kind {
     Hardlink(Vec<u8>),
     /// Symlink with this target, as given.
     Symlink(Vec<u8>),
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -100,7 +105,10 @@ enum BodySource {
     Unknown,
     Inline,
     /// One whole body as an fd, read from `offset` on (none taken while `offset` is 0).
-    Fd { fd: Option<OwnedFd>, offset: u64 },
+    Fd {
+        fd: Option<OwnedFd>,
+        offset: u64,
+    },
 }
 
 /// The rest of the current entry: body bytes not consumed, then padding.
@@ -628,7 +636,10 @@ impl<'s, 'p> Entries<'s, 'p> {
                 let mut r = Pax1MapReader::new(sparse.real_size, size);
                 let mut block = [0u8; BLOCK_LEN];
                 while !r.is_done() {
-                    ensure!(consumed < size, "the body ends inside its PAX 1.0 sparse map");
+                    ensure!(
+                        consumed < size,
+                        "the body ends inside its PAX 1.0 sparse map"
+                    );
                     self.read_body_exact(&mut block)?;
                     consumed += BLOCK_LEN as u64;
                     let used = r.feed(&block)?;

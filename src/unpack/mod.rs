@@ -121,9 +121,8 @@ pub fn unpack(
     std::fs::create_dir(&sibling).with_context(|| format!("creating {}", sibling.display()))?;
     let result = unpack_into(proxy, reference, &sibling, opts, progress).and_then(|summary| {
         // Renaming over an empty directory replaces it; over a non-empty one it fails.
-        std::fs::rename(&sibling, dir).with_context(|| {
-            format!("renaming {} to {}", sibling.display(), dir.display())
-        })?;
+        std::fs::rename(&sibling, dir)
+            .with_context(|| format!("renaming {} to {}", sibling.display(), dir.display()))?;
         Ok(summary)
     });
     if result.is_err() {
@@ -139,8 +138,8 @@ fn check_target(dir: &Path) -> anyhow::Result<()> {
         Err(e) => Err(e).with_context(|| format!("inspecting {}", dir.display())),
         Ok(md) if !md.is_dir() => bail!("{} exists and is not a directory", dir.display()),
         Ok(_) => {
-            let mut it = std::fs::read_dir(dir)
-                .with_context(|| format!("reading {}", dir.display()))?;
+            let mut it =
+                std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
             if it.next().is_some() {
                 bail!("{} is not empty", dir.display());
             }

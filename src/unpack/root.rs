@@ -194,7 +194,9 @@ fn remove_all_at(dir: BorrowedFd<'_>, name: &[u8], depth: usize) -> std::io::Res
         return rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(Into::into);
     }
     if depth > MAX_REMOVE_DEPTH {
-        return Err(std::io::Error::other("directories nested too deep to remove"));
+        return Err(std::io::Error::other(
+            "directories nested too deep to remove",
+        ));
     }
     empty_dir(dir, name, depth)?;
     match rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
@@ -269,7 +271,10 @@ mod tests {
         assert_eq!(root.open_dir(&comps("up")).unwrap_err(), Errno::XDEV);
         root.open_dir(&comps("rel")).unwrap();
         let err = root.open_or_create_dir(&comps("etc/new")).unwrap_err();
-        assert!(format!("{err:#}").contains("leaves the target directory"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("leaves the target directory"),
+            "{err:#}"
+        );
         root.open_or_create_dir(&comps("a/b/c")).unwrap();
         assert!(inner.join("a/b/c").is_dir());
     }

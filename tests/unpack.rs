@@ -1,0 +1,309 @@
+//! `splitfdstream unpack`: the unpacked tree equals podman's mount of the image, and hostile
+//! layers cannot write outside the target directory.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::fixtures;
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_splitfdstream");
+
+/// Go's `time.Time` nanoseconds overflow after 2262-04-11; containers/storage applies such a
+/// time (and any before 1970) as 0 (`pkg/system.Chtimes`). `unpack` keeps the layer's.
+const PODMAN_MAX_MTIME: i64 = 9_223_372_036;
+
+/// What the comparison looks at for one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Node {
+    /// `d`, `f`, `l`, `c`, `b`, `p`, `s`.
+    kind: char,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    /// sha256 of a file's content, a symlink's target, a device's rdev.
+    data: String,
+    /// The first path (in walk order) of the inode's names: hard-link groups.
+    link_group: String,
+    mtime: (i64, i64),
+    /// Every xattr but overlayfs's own.
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// Every path beneath `root` (not `root` itself).
+fn snapshot(root: &Path) -> BTreeMap<String, Node> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<(u64, u64), String> = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let ft = md.file_type();
+            let (kind, data) = if ft.is_dir() {
+                stack.push(path.clone());
+                ('d', String::new())
+            } else if ft.is_file() {
+                let content = std::fs::read(&path).unwrap();
+                ('f', hex::encode(Sha256::digest(&content)))
+            } else if ft.is_symlink() {
+                let t = std::fs::read_link(&path).unwrap();
+                (
+                    'l',
+                    String::from_utf8_lossy(t.as_os_str().as_bytes()).into_owned(),
+                )
+            } else if ft.is_char_device() {
+                ('c', md.rdev().to_string())
+            } else if ft.is_block_device() {
+                ('b', md.rdev().to_string())
+            } else if ft.is_fifo() {
+                ('p', String::new())
+            } else {
+                ('s', String::new())
+            };
+            let link_group = if kind != 'd' && md.nlink() > 1 {
+                inodes
+                    .entry((md.dev(), md.ino()))
+                    .or_insert_with(|| rel.clone())
+                    .clone()
+            } else {
+                rel.clone()
+            };
+            out.insert(
+                rel,
+                Node {
+                    kind,
+                    mode: md.mode() & 0o7777,
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    size: if kind == 'd' { 0 } else { md.size() },
+                    data,
+                    link_group,
+                    mtime: (md.mtime(), md.mtime_nsec()),
+                    xattrs: xattrs(&path),
+                },
+            );
+        }
+    }
+    out
+}
+
+fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut names = vec![0u8; 65536];
+    let n = match rustix::fs::llistxattr(path, &mut names) {
+        Ok(n) => n,
+        Err(_) => return BTreeMap::new(),
+    };
+    let mut out = BTreeMap::new();
+    for name in names[..n].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if name.starts_with("trusted.overlay.") || name == "security.selinux" {
+            continue;
+        }
+        let mut value = vec![0u8; 65536];
+        let len = rustix::fs::lgetxattr(path, name.as_str(), &mut value).unwrap();
+        value.truncate(len);
+        out.insert(name, value);
+    }
+    out
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+}
+
+fn unpack(source: &str, dir: &Path, extra: &[&str]) -> std::process::Output {
+    run(Command::new(BIN)
+        .arg("unpack")
+        .arg(source)
+        .arg(dir)
+        .args(extra))
+}
+
+fn ok(out: std::process::Output, what: &str) -> std::process::Output {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Compare `ours` with podman's tree `theirs`, with podman's mtime clamping applied to ours.
+fn assert_same_tree(name: &str, ours: &Path, theirs: &Path) {
+    let a = snapshot(ours);
+    let b = snapshot(theirs);
+    let only_ours: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+    let only_podman: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+    assert!(
+        only_ours.is_empty() && only_podman.is_empty(),
+        "{name}: only ours {only_ours:?}, only podman {only_podman:?}"
+    );
+    for (k, v) in &a {
+        let mut v = v.clone();
+        if v.mtime.0 < 0 || v.mtime.0 > PODMAN_MAX_MTIME {
+            v.mtime = (0, 0);
+        }
+        assert_eq!(v, b[k], "{name}: {k}");
+    }
+    assert!(!a.is_empty(), "{name}: an empty tree");
+}
+
+#[test]
+fn every_fixture_unpacks_as_podman_mounts_it() {
+    let Some(f) = fixtures() else { return };
+    // On the fixtures' filesystem (XFS with reflink where the build could mount one): bodies
+    // are cloned from the store.
+    let work = tempfile::TempDir::new_in(&f.out).unwrap();
+    for image in &f.images {
+        let name = image.name.as_str();
+        let private = f.private_store(&[name]);
+        let store = format!(
+            "containers-storage:[overlay@{}+{}]",
+            private.graphroot.display(),
+            private.runroot.display()
+        );
+        let dir = work.path().join(name);
+        let out = ok(
+            unpack(&format!("{store}{}", image.reference), &dir, &[]),
+            name,
+        );
+        assert!(
+            out.stderr.is_empty(),
+            "{name}: unexpected warnings: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = String::from_utf8(private.podman(&["image", "mount", &image.reference]).stdout)
+            .unwrap();
+        let mnt = PathBuf::from(mnt.trim());
+        let result = std::panic::catch_unwind(|| assert_same_tree(name, &dir, &mnt));
+        private.podman(&["image", "unmount", &image.reference]);
+        if let Err(p) = result {
+            std::panic::resume_unwind(p);
+        }
+        if name == "basic" {
+            // Whiteouts and the opaque directory of layer 2 were processed, not kept.
+            assert!(!dir.join("data/to-delete").exists());
+            assert!(!dir.join("deldir").exists());
+            assert!(!dir.join("opaque/old-1").exists());
+            assert!(!dir.join("opaque/sub").exists());
+            assert!(dir.join("opaque/new-1").exists());
+            let names = snapshot(&dir);
+            assert!(
+                names.keys().all(|k| !k.contains(".wh.")),
+                "a whiteout left as a file"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// On tmpfs nothing can be cloned: bodies go through `copy_file_range` or a copy, and the
+/// tree is the same.
+#[test]
+fn unpack_to_tmpfs_copies_the_same_tree() {
+    let Some(f) = fixtures() else { return };
+    let image = f.image("basic");
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        println!("SKIP: no /dev/shm tmpfs");
+        return;
+    }
+    let work = tempfile::TempDir::new_in(shm).unwrap();
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let copied = work.path().join("copied");
+    ok(unpack(&source, &copied, &[]), "tmpfs");
+    let reflinked = tempfile::TempDir::new_in(&f.out).unwrap();
+    let dir = reflinked.path().join("r");
+    ok(unpack(&source, &dir, &["--atomic"]), "atomic");
+    assert_eq!(snapshot(&copied), snapshot(&dir));
+    // Neither leaves a sibling behind.
+    let names: Vec<_> = std::fs::read_dir(reflinked.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+}
+
+/// `--layer N` gives that layer's changes: whiteouts as overlay keeps them, or as `.wh.`
+/// files.
+#[test]
+fn one_layer_keeps_its_whiteouts() {
+    let Some(f) = fixtures() else { return };
+    let image = f.image("basic");
+    let source = format!("{}{}", f.store_arg(), image.reference);
+    let work = tempfile::TempDir::new_in(&f.out).unwrap();
+    let overlay = work.path().join("overlay");
+    ok(
+        unpack(&source, &overlay, &["--layer", "1"]),
+        "overlay whiteouts",
+    );
+    let md = std::fs::symlink_metadata(overlay.join("data/to-delete")).unwrap();
+    assert!(md.file_type().is_char_device() && md.rdev() == 0);
+    assert!(
+        std::fs::symlink_metadata(overlay.join("deldir"))
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert_eq!(
+        rustix::fs::getxattr(
+            &overlay.join("opaque"),
+            "trusted.overlay.opaque",
+            &mut [0u8; 8]
+        ),
+        Ok(1)
+    );
+    assert!(overlay.join("opaque/new-1").is_file());
+    // Not in this layer.
+    assert!(!overlay.join("usr/bin/hello").exists());
+
+    let oci = work.path().join("oci");
+    ok(
+        unpack(&source, &oci, &["--layer", "1", "--whiteouts", "oci"]),
+        "oci whiteouts",
+    );
+    assert!(oci.join("data/.wh.to-delete").is_file());
+    assert!(oci.join("opaque/.wh..wh..opq").is_file());
+    assert!(oci.join(".wh.deldir").is_file());
+
+    // The layer's own diff dir in the store is what overlay whiteouts look like.
+    let diff = f
+        .graphroot
+        .join("overlay")
+        .join(&image.layer_ids[1])
+        .join("diff");
+    let a = snapshot(&overlay);
+    let b = snapshot(&diff);
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "layer 1 differs from its diff dir"
+    );
+}
+
+#[test]
+fn a_non_empty_target_is_refused() {
+    let Some(f) = fixtures() else { return };
+    let source = format!("{}{}", f.store_arg(), f.image("basic").reference);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("keep"), "mine").unwrap();
+    let out = unpack(&source, work.path(), &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not empty"), "{err}");
+    assert_eq!(std::fs::read(work.path().join("keep")).unwrap(), b"mine");
+}
