@@ -261,7 +261,7 @@ fn one_layer_keeps_its_whiteouts() {
     );
     assert_eq!(
         rustix::fs::getxattr(
-            &overlay.join("opaque"),
+            overlay.join("opaque"),
             "trusted.overlay.opaque",
             &mut [0u8; 8]
         ),
