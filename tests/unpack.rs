@@ -307,3 +307,219 @@ fn a_non_empty_target_is_refused() {
     assert!(err.contains("is not empty"), "{err}");
     assert_eq!(std::fs::read(work.path().join("keep")).unwrap(), b"mine");
 }
+
+/// Writes an OCI layout with one image of uncompressed layers made by Python's `tarfile`.
+/// Input (stdin): `{"dir": …, "tag": …, "layers": [[entry, …], …]}`; an entry is
+/// `{"name", "type": "file"|"dir"|"symlink"|"hardlink", "link"?, "data"?}`.
+const MAKE_LAYOUT: &str = r#"
+import hashlib, io, json, os, sys, tarfile
+spec = json.load(sys.stdin)
+out = spec["dir"]
+os.makedirs(os.path.join(out, "blobs", "sha256"), exist_ok=True)
+def blob(data):
+    d = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(out, "blobs", "sha256", d), "wb") as f:
+        f.write(data)
+    return "sha256:" + d, len(data)
+kinds = {"file": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE,
+         "hardlink": tarfile.LNKTYPE}
+layers, diff_ids = [], []
+for entries in spec["layers"]:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for e in entries:
+            ti = tarfile.TarInfo(e["name"])
+            ti.type = kinds[e["type"]]
+            ti.mode = 0o755 if e["type"] == "dir" else 0o644
+            ti.mtime = 1700000000
+            ti.linkname = e.get("link", "")
+            data = e.get("data", "").encode()
+            ti.size = len(data) if e["type"] == "file" else 0
+            t.addfile(ti, io.BytesIO(data) if e["type"] == "file" else None)
+    digest, size = blob(buf.getvalue())
+    diff_ids.append(digest)
+    layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                   "digest": digest, "size": size})
+config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                     "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+cdigest, csize = blob(config)
+manifest = json.dumps({"schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+               "digest": cdigest, "size": csize},
+    "layers": layers}).encode()
+mdigest, msize = blob(manifest)
+with open(os.path.join(out, "oci-layout"), "w") as f:
+    json.dump({"imageLayoutVersion": "1.0.0"}, f)
+with open(os.path.join(out, "index.json"), "w") as f:
+    json.dump({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": mdigest,
+        "size": msize, "annotations": {"org.opencontainers.image.ref.name": spec["tag"]}}]}, f)
+"#;
+
+fn make_layout(dir: &Path, layers: serde_json::Value) {
+    use std::io::Write;
+    let spec = serde_json::json!({"dir": dir, "tag": "t", "layers": layers});
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(MAKE_LAYOUT)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("running python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "making the OCI layout");
+}
+
+/// Every path beneath `dir` with its content (files) or target (symlinks).
+fn listing(dir: &Path) -> BTreeMap<String, String> {
+    snapshot(dir)
+        .into_iter()
+        .map(|(k, v)| (k, format!("{}{:o}{}", v.kind, v.mode, v.data)))
+        .collect()
+}
+
+#[test]
+fn hostile_layers_cannot_write_outside() {
+    if Command::new("python3").arg("--version").output().is_err() {
+        println!("SKIP: python3 not found (the hostile layers are made with its tarfile)");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("canary"), "untouched").unwrap();
+    let abs = outside.to_str().unwrap().to_owned();
+    let file = |name: &str| serde_json::json!({"name": name, "type": "file", "data": "pwned"});
+    let symlink =
+        |name: &str, to: &str| serde_json::json!({"name": name, "type": "symlink", "link": to});
+    let hardlink =
+        |name: &str, to: &str| serde_json::json!({"name": name, "type": "hardlink", "link": to});
+    let dir = |name: &str| serde_json::json!({"name": name, "type": "dir"});
+    // (case, layers, the entry the error must name)
+    let cases = [
+        (
+            "symlink to / then a file through it",
+            serde_json::json!([[symlink("etc", "/")], [file("etc/passwd")]]),
+            "etc/passwd",
+        ),
+        (
+            "absolute symlink used as a path",
+            serde_json::json!([[symlink("abs", &abs), file("abs/canary")]]),
+            "abs/canary",
+        ),
+        (
+            "relative symlink out, then a file through it",
+            serde_json::json!([[dir("a"), symlink("a/up", "../../outside"), file("a/up/new")]]),
+            "a/up/new",
+        ),
+        (
+            "a ../ name",
+            serde_json::json!([[file("../outside/canary")]]),
+            "../outside/canary",
+        ),
+        (
+            "a ../ name created",
+            serde_json::json!([[file("../outside/new")]]),
+            "../outside/new",
+        ),
+        (
+            "hard link to a path outside",
+            serde_json::json!([[hardlink("stolen", "../outside/canary")]]),
+            "stolen",
+        ),
+        (
+            "hard link through an absolute symlink",
+            serde_json::json!([[symlink("abs", &abs), hardlink("stolen", "abs/canary")]]),
+            "stolen",
+        ),
+        (
+            "whiteout of ..",
+            serde_json::json!([[dir("d"), file("d/.wh..")]]),
+            "d/.wh..",
+        ),
+        (
+            "whiteout of .. at the root",
+            serde_json::json!([[file(".wh..")]]),
+            ".wh..",
+        ),
+        (
+            "whiteout through an absolute symlink",
+            serde_json::json!([[symlink("abs", &abs)], [file("abs/.wh.canary")]]),
+            "abs/.wh.canary",
+        ),
+        (
+            "opaque directory through a symlink",
+            serde_json::json!([[symlink("abs", &abs)], [file("abs/.wh..wh..opq")]]),
+            "abs/.wh..wh..opq",
+        ),
+    ];
+    let before = listing(work.path());
+    for (i, (case, layers, entry)) in cases.into_iter().enumerate() {
+        let layout = work.path().join(format!("layout-{i}"));
+        make_layout(&layout, layers);
+        let target = work.path().join("dir");
+        for atomic in [false, true] {
+            let extra: &[&str] = if atomic { &["--atomic"] } else { &[] };
+            let out = unpack(&format!("oci:{}:t", layout.display()), &target, extra);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{case}: succeeded");
+            assert!(
+                err.contains(&format!("{entry:?}")),
+                "{case}: the error does not name {entry:?}: {err}"
+            );
+            if atomic {
+                assert!(!target.exists(), "{case}: --atomic left the target");
+            } else {
+                assert!(err.contains("delete it"), "{case}: {err}");
+                std::fs::remove_dir_all(&target).unwrap();
+            }
+            // Nothing outside the target changed or appeared (the layouts aside).
+            let now: BTreeMap<_, _> = listing(work.path())
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("layout-"))
+                .collect();
+            assert_eq!(now, before, "{case}: something outside the target changed");
+        }
+        std::fs::remove_dir_all(&layout).unwrap();
+    }
+    assert_eq!(std::fs::read(outside.join("canary")).unwrap(), b"untouched");
+    assert!(!Path::new("/passwd").exists());
+}
+
+/// Legitimate symlinks inside the tree are followed as containers/storage follows them.
+#[test]
+fn symlinks_inside_the_tree_are_followed() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    make_layout(
+        &layout,
+        serde_json::json!([
+            [
+                {"name": "usr/", "type": "dir"},
+                {"name": "usr/lib/", "type": "dir"},
+                {"name": "lib", "type": "symlink", "link": "usr/lib"},
+                {"name": "usr/lib/old", "type": "file", "data": "old"},
+            ],
+            [
+                {"name": "lib/new", "type": "file", "data": "new"},
+                {"name": "lib/.wh.old", "type": "file"},
+                {"name": "usr/lib/link", "type": "hardlink", "link": "lib/new"},
+            ]
+        ]),
+    );
+    let target = work.path().join("dir");
+    ok(
+        unpack(&format!("oci:{}:t", layout.display()), &target, &[]),
+        "inside links",
+    );
+    assert_eq!(std::fs::read(target.join("usr/lib/new")).unwrap(), b"new");
+    assert!(!target.join("usr/lib/old").exists());
+    let a = std::fs::metadata(target.join("usr/lib/new")).unwrap();
+    let b = std::fs::metadata(target.join("usr/lib/link")).unwrap();
+    assert_eq!(a.ino(), b.ino());
+}
