@@ -15,6 +15,7 @@ use indicatif::{
 };
 
 use splitfdstream::client::{Proxy, ProxyConfig, UsernsMode};
+use splitfdstream::export::{Compression, ExportOptions, export};
 use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
@@ -57,6 +58,14 @@ struct HelperArgs {
 enum WhiteoutArg {
     Overlay,
     Oci,
+}
+
+/// `--compress` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    None,
+    Gzip,
+    Zstd,
 }
 
 /// `--userns` values.
@@ -190,6 +199,22 @@ enum Cmd {
         #[command(flatten)]
         helper: HelperArgs,
     },
+    /// Write an image as an OCI image layout: each layer the exact layer tar, or that tar
+    /// compressed.
+    Export {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// `oci:DIR[:TAG]`: the layout (created if missing) and the tag of the index entry.
+        dest: ImageRef,
+        /// Layer compression.
+        #[arg(long, value_enum, default_value_t = CompressArg::None)]
+        compress: CompressArg,
+        /// Layers exported in parallel (default: cores, at most 8).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        helper: HelperArgs,
+    },
     /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
     #[command(hide = true)]
     Helper {
@@ -299,6 +324,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..UnpackOptions::default()
             };
             unpack(&helper.proxy_config(&source.store), &source, &dir, &opts)
+        }
+        Cmd::Export {
+            source,
+            dest,
+            compress,
+            jobs,
+            helper,
+        } => {
+            let Store::OciLayout { dir } = &dest.store else {
+                anyhow::bail!("the destination must be oci:DIR[:TAG]");
+            };
+            let opts = ExportOptions {
+                compression: match compress {
+                    CompressArg::None => Compression::None,
+                    CompressArg::Gzip => Compression::Gzip,
+                    CompressArg::Zstd => Compression::Zstd,
+                },
+                jobs,
+                tag: Some(dest.reference.clone()).filter(|t| !t.is_empty()),
+            };
+            let config = helper.proxy_config(&source.store);
+            let summary = export(&config, &source.reference, dir, &opts)?;
+            writeln!(io::stdout().lock(), "{}", summary.manifest.digest())?;
+            Ok(())
         }
         Cmd::Helper {
             socket_fd,

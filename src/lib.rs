@@ -24,6 +24,7 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod export;
 pub mod helper;
 pub mod proto;
 pub mod pull;
