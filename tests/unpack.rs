@@ -194,6 +194,11 @@ fn every_fixture_unpacks_as_podman_mounts_it() {
         let mnt = PathBuf::from(mnt.trim());
         let result = std::panic::catch_unwind(|| assert_same_tree(name, &dir, &mnt));
         private.podman(&["image", "unmount", &image.reference]);
+        // The store bind-mounts its overlay dir on itself; undo it so the copy can go.
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(private.graphroot.join("overlay"))
+            .output();
         if let Err(p) = result {
             std::panic::resume_unwind(p);
         }
