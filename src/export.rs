@@ -10,6 +10,9 @@
 //!  config (bytes as stored) ─▶ manifest ─▶ index.json entry with the tag (replaced atomically)
 //! ```
 //!
+//! The manifest is the stored one, byte for byte, when it describes exactly the blobs written
+//! (an OCI image exported uncompressed); otherwise a new OCI manifest with its annotations.
+//!
 //! A blob appears under its digest only once complete (ocidir writes each to an anonymous or
 //! temporary file and renames it), so an interrupted export leaves no blob whose name is not
 //! its digest. Uncompressed layers already present (by diff_id) are not read again.
@@ -21,15 +24,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, bail, ensure};
 use oci_spec::image::{
-    Descriptor, DescriptorBuilder, Digest, ImageConfiguration, ImageManifestBuilder, MediaType,
-    PlatformBuilder, SCHEMA_VERSION,
+    Descriptor, DescriptorBuilder, Digest, ImageConfiguration, ImageIndex, ImageIndexBuilder,
+    ImageManifest, ImageManifestBuilder, MediaType, PlatformBuilder, SCHEMA_VERSION,
 };
 use ocidir::OciDir;
 use ocidir::cap_std::{ambient_authority, fs::Dir};
 
 use crate::client::{Proxy, ProxyConfig};
 use crate::proto::rpc::{LayerSelector, OpenImageResult};
-use crate::sink::write_layer_tar;
+use crate::sink::{AtomicFile, write_layer_tar};
 
 /// Buffer between the layer tar and the blob file (or the compressor).
 const WRITE_BUF: usize = 1 << 20;
@@ -137,26 +140,111 @@ pub fn export(
 
     let reused = layers.iter().filter(|l| l.reused).count();
     let tar_bytes = layers.iter().map(|l| l.tar_bytes).sum();
-    let manifest = ImageManifestBuilder::default()
-        .schema_version(SCHEMA_VERSION)
-        .media_type(MediaType::ImageManifest)
-        .config(config_desc)
-        .layers(layers.into_iter().map(|l| l.descriptor).collect::<Vec<_>>())
-        .build()
-        .context("building the manifest")?;
+    let layers: Vec<Descriptor> = layers.into_iter().map(|l| l.descriptor).collect();
+    let manifest_bytes = manifest_bytes(&image, &config_desc, layers)?;
+    let mut w = oci.create_blob()?;
+    w.write_all(&manifest_bytes)?;
+    let blob = w.complete()?;
     let platform = PlatformBuilder::default()
         .architecture(image_config.architecture().clone())
         .os(image_config.os().clone())
         .build()
         .context("building the platform")?;
-    let manifest = oci
-        .insert_manifest(manifest, opts.tag.as_deref(), platform)
-        .with_context(|| format!("writing the manifest into {}", dir.display()))?;
+    let mut manifest = DescriptorBuilder::default()
+        .media_type(MediaType::ImageManifest)
+        .digest(parse_digest(&format!("sha256:{}", blob.sha256().digest()))?)
+        .size(blob.size())
+        .platform(platform)
+        .build()?;
+    if let Some(tag) = &opts.tag {
+        manifest.set_annotations(Some(
+            [(TAG_ANNOTATION.to_owned(), tag.clone())]
+                .into_iter()
+                .collect(),
+        ));
+    }
+    write_index_entry(dir, &manifest, opts.tag.as_deref())?;
     Ok(ExportSummary {
         manifest,
         reused,
         tar_bytes,
     })
+}
+
+/// The annotation of an index entry that names its tag.
+const TAG_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+
+/// Largest `index.json` read back: it lists manifests, not content.
+const MAX_INDEX_LEN: u64 = 16 << 20;
+
+/// The manifest to write: the stored one byte for byte when it describes exactly the blobs
+/// written (an OCI image exported uncompressed), so its digest stays the source's; otherwise
+/// a new OCI manifest, with the stored one's annotations.
+fn manifest_bytes(
+    image: &OpenImageResult,
+    config: &Descriptor,
+    layers: Vec<Descriptor>,
+) -> anyhow::Result<Vec<u8>> {
+    let stored: Option<ImageManifest> = serde_json::from_str(&image.manifest).ok();
+    let key = |d: &Descriptor| (d.media_type().clone(), d.digest().clone(), d.size());
+    if let Some(m) = &stored
+        && m.media_type().as_ref() == Some(&MediaType::ImageManifest)
+        && key(m.config()) == key(config)
+        && m.layers().iter().map(key).eq(layers.iter().map(key))
+    {
+        return Ok(image.manifest.as_bytes().to_vec());
+    }
+    let mut manifest = ImageManifestBuilder::default()
+        .schema_version(SCHEMA_VERSION)
+        .media_type(MediaType::ImageManifest)
+        .config(config.clone())
+        .layers(layers)
+        .build()
+        .context("building the manifest")?;
+    if let Some(annotations) = stored.as_ref().and_then(|m| m.annotations().clone()) {
+        manifest.set_annotations(Some(annotations));
+    }
+    Ok(serde_json::to_vec(&manifest)?)
+}
+
+/// Add `manifest` to the layout's `index.json` (replaced atomically), replacing the entry that
+/// had `tag`.
+fn write_index_entry(dir: &Path, manifest: &Descriptor, tag: Option<&str>) -> anyhow::Result<()> {
+    let path = dir.join("index.json");
+    let mut index = match std::fs::File::open(&path) {
+        Ok(f) => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_INDEX_LEN + 1), &mut bytes)
+                .with_context(|| format!("reading {}", path.display()))?;
+            ensure!(
+                bytes.len() as u64 <= MAX_INDEX_LEN,
+                "{} is larger than {MAX_INDEX_LEN} bytes",
+                path.display()
+            );
+            serde_json::from_slice::<ImageIndex>(&bytes)
+                .with_context(|| format!("parsing {}", path.display()))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ImageIndexBuilder::default()
+            .schema_version(SCHEMA_VERSION)
+            .manifests(Vec::new())
+            .build()?,
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let mut manifests = index.manifests().clone();
+    if let Some(tag) = tag {
+        manifests.retain(|d| {
+            d.annotations()
+                .as_ref()
+                .and_then(|a| a.get(TAG_ANNOTATION))
+                .map(String::as_str)
+                != Some(tag)
+        });
+    }
+    manifests.push(manifest.clone());
+    index.set_manifests(manifests);
+    let mut out = AtomicFile::create(&path)?;
+    serde_json::to_writer(&mut out, &index)?;
+    out.commit()
 }
 
 /// The config blob, its bytes exactly as stored (so its digest stays the image id).
