@@ -337,6 +337,7 @@ for entries in spec["layers"]:
             ti.type = kinds[e["type"]]
             ti.mode = 0o755 if e["type"] == "dir" else 0o644
             ti.mtime = 1700000000
+            ti.uid = ti.gid = e.get("uid", 0)
             ti.linkname = e.get("link", "")
             data = e.get("data", "").encode()
             ti.size = len(data) if e["type"] == "file" else 0
@@ -527,4 +528,51 @@ fn symlinks_inside_the_tree_are_followed() {
     let a = std::fs::metadata(target.join("usr/lib/new")).unwrap();
     let b = std::fs::metadata(target.join("usr/lib/link")).unwrap();
     assert_eq!(a.ino(), b.ino());
+}
+
+/// Not root: owners are not applied (said once), everything else is.
+#[test]
+fn not_root_owners_are_left_out_once() {
+    if !rustix::process::geteuid().is_root()
+        || Command::new("setpriv").arg("--help").output().is_err()
+    {
+        println!("SKIP: needs root and setpriv to run unpack as another user");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    make_layout(
+        &layout,
+        serde_json::json!([[
+            {"name": "d/", "type": "dir", "uid": 1234},
+            {"name": "d/f", "type": "file", "data": "owned by 1234", "uid": 1234},
+            {"name": "d/g", "type": "file", "data": "and this", "uid": 1234},
+        ]]),
+    );
+    let nobody = 65534;
+    let dir = work.path().join("out");
+    std::fs::create_dir(&dir).unwrap();
+    rustix::fs::chown(
+        &dir,
+        Some(rustix::fs::Uid::from_raw(nobody)),
+        Some(rustix::fs::Gid::from_raw(nobody)),
+    )
+    .unwrap();
+    rustix::fs::chmod(work.path(), rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+    let out = run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            BIN,
+            "unpack",
+        ])
+        .arg(format!("oci:{}:t", layout.display()))
+        .arg(&dir));
+    let out = ok(out, "as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("owners are not applied").count(), 1, "{err}");
+    let md = std::fs::metadata(dir.join("d/f")).unwrap();
+    assert_eq!((md.uid(), md.gid()), (nobody, nobody));
+    assert_eq!(std::fs::read(dir.join("d/g")).unwrap(), b"and this");
 }
