@@ -4,6 +4,7 @@
 
 pub mod fixtures;
 pub mod tools;
+pub mod tree;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
