@@ -69,6 +69,13 @@ pub(crate) struct Applier<'a> {
     progress: &'a dyn UnpackProgress,
     /// Kinds of warnings already given (each is given once).
     warned: HashSet<&'static str>,
+    /// The process's umask: what a new file's permission bits lose.
+    umask: u32,
+    /// The owner new files get (this process's effective ids).
+    creator: (u64, u64),
+    /// The target directory is setgid, so new files take its group: chown always. (The
+    /// directories the unpack makes are not setgid until the end, see [`DirMeta`].)
+    root_setgid: bool,
 }
 
 impl std::fmt::Debug for Applier<'_> {
@@ -99,7 +106,18 @@ impl<'a> Applier<'a> {
             whiteouts: 0,
             progress,
             warned: HashSet::new(),
+            umask: current_umask(),
+            creator: (
+                u64::from(rustix::process::geteuid().as_raw()),
+                u64::from(rustix::process::getegid().as_raw()),
+            ),
+            root_setgid: rustix::fs::fstat(root.fd()).map_or(true, |st| st.st_mode & 0o2000 != 0),
         }
+    }
+
+    /// Whether bodies are being cloned (`None`: no body seen yet).
+    pub(crate) fn reflinks(&self) -> Option<bool> {
+        self.copier.reflinks
     }
 
     pub(crate) fn stats(&self) -> ApplyStats {
@@ -198,7 +216,10 @@ impl<'a> Applier<'a> {
                         | OFlags::EXCL
                         | OFlags::NOFOLLOW
                         | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
+                    // The permission bits now, so that most files need no chmod; setuid,
+                    // setgid and sticky only once the owner is set (chown clears them, and
+                    // they must never be set for the wrong owner).
+                    Mode::from_raw_mode(e.mode & 0o777),
                 )
                 .context("creating the file")?;
                 match body {
@@ -209,8 +230,10 @@ impl<'a> Applier<'a> {
                         self.copier.copy_sparse(entries, file.as_fd(), map)?
                     }
                 }
-                self.set_owner(parent, &name, &e)?;
-                rustix::fs::fchmod(&file, Mode::from_raw_mode(e.mode)).context("chmod")?;
+                self.set_new_owner(parent, &name, &e)?;
+                if e.mode & 0o7000 != 0 || e.mode & 0o777 & self.umask != 0 {
+                    rustix::fs::fchmod(&file, Mode::from_raw_mode(e.mode)).context("chmod")?;
+                }
                 self.set_xattrs_fd(file.as_fd(), &e)?;
                 set_times(parent, &name, &e)?;
             }
@@ -218,7 +241,7 @@ impl<'a> Applier<'a> {
             Kind::Symlink(target) => {
                 rustix::fs::symlinkat(target.as_slice(), parent, name.as_slice())
                     .context("creating the symlink")?;
-                self.set_owner(parent, &name, &e)?;
+                self.set_new_owner(parent, &name, &e)?;
                 self.set_xattrs_path(parent, &name, &e)?;
                 set_times(parent, &name, &e)?;
             }
@@ -434,6 +457,20 @@ impl<'a> Applier<'a> {
         set_times(parent.as_fd(), &hidden, e)
     }
 
+    /// [`Self::set_owner`] of something this unpack has just created: nothing to do when
+    /// the entry's owner is the one it was created with.
+    fn set_new_owner(
+        &mut self,
+        parent: BorrowedFd<'_>,
+        name: &[u8],
+        e: &Entry,
+    ) -> anyhow::Result<()> {
+        if !self.root_setgid && (e.uid, e.gid) == self.creator {
+            return Ok(());
+        }
+        self.set_owner(parent, name, e)
+    }
+
     fn set_owner(&mut self, parent: BorrowedFd<'_>, name: &[u8], e: &Entry) -> anyhow::Result<()> {
         if !self.owners {
             return Ok(());
@@ -531,6 +568,19 @@ impl<'a> Applier<'a> {
         }
         Ok(())
     }
+}
+
+/// The process's umask, from `/proc/self/status` (reading it with umask(2) would change it
+/// for a moment under other threads); the common 022 where that cannot be read.
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
 }
 
 fn open_subdir(dir: BorrowedFd<'_>, name: &[u8]) -> std::io::Result<OwnedFd> {

@@ -35,6 +35,8 @@ pub(crate) struct Copier {
     no_copy_range: bool,
     buf: Vec<u8>,
     pub stats: BodyStats,
+    /// Whether the last clone attempted worked (`None`: none attempted yet).
+    pub reflinks: Option<bool>,
 }
 
 impl Copier {
@@ -44,6 +46,7 @@ impl Copier {
             no_copy_range: false,
             buf: Vec::new(),
             stats: BodyStats::default(),
+            reflinks: None,
         }
     }
 
@@ -62,27 +65,27 @@ impl Copier {
         size: u64,
     ) -> anyhow::Result<()> {
         self.stats.bytes += size;
-        let dev = rustix::fs::fstat(src)
-            .context("inspecting a body fd")?
-            .st_dev;
-        if !self.no_reflink_from.contains(&dev) {
+        let st = rustix::fs::fstat(src).context("inspecting a body fd")?;
+        // A clone takes what the file holds when it is made: the size the tar gives must be
+        // the one it has (checked when the fd arrived, and again here, just before).
+        ensure!(
+            st.st_size as u64 == size,
+            "the source file has {} bytes, the layer says {size}",
+            st.st_size
+        );
+        if !self.no_reflink_from.contains(&st.st_dev) {
             match rustix::fs::ioctl_ficlone(dst, src) {
                 Ok(()) => {
-                    // The clone takes what the file holds now; the tar said `size`.
-                    let now = rustix::fs::fstat(dst).context("inspecting a cloned file")?;
-                    ensure!(
-                        now.st_size as u64 == size,
-                        "the source file has {} bytes, the layer says {size}",
-                        now.st_size
-                    );
                     self.stats.reflinked += 1;
+                    self.reflinks = Some(true);
                     return Ok(());
                 }
                 // Not supported here (ext4, tmpfs) or not the same filesystem: remember.
                 Err(
                     Errno::OPNOTSUPP | Errno::XDEV | Errno::NOTTY | Errno::INVAL | Errno::NOSYS,
                 ) => {
-                    self.no_reflink_from.insert(dev);
+                    self.no_reflink_from.insert(st.st_dev);
+                    self.reflinks = Some(false);
                 }
                 // Anything else shows up again when the body is read.
                 Err(_) => {}

@@ -212,6 +212,12 @@ fn unpack_into(
         let info = &image.layers[index];
         progress.layer_started(index, info);
         let what = || format!("layer {index} ({})", info.diff_id);
+        // A clone reads nothing: asking the kernel to read bodies ahead would only cost
+        // I/O. Where bodies are copied, it keeps the disk busy.
+        proxy.set_readahead(match applier.reflinks() {
+            Some(false) => crate::client::DEFAULT_READAHEAD,
+            _ => 0,
+        });
         let mut stream = proxy
             .get_layer(
                 image.image,
