@@ -190,6 +190,20 @@ impl<'a> Applier<'a> {
             None => {}
         }
         self.layer_paths.insert(joined.clone());
+        self.create(entries, parent, &name, joined, &e)
+    }
+
+    /// Make the entry `e` as `name` in `parent` (where nothing is in its way), with its
+    /// metadata.
+    fn create(
+        &mut self,
+        entries: &mut Entries<'_, '_>,
+        parent: BorrowedFd<'_>,
+        name: &[u8],
+        joined: Vec<u8>,
+        e: &Entry,
+    ) -> anyhow::Result<()> {
+        let name = name.to_vec();
         match &e.kind {
             Kind::Directory => {
                 match rustix::fs::mkdirat(parent, name.as_slice(), Mode::from_raw_mode(0o700)) {
@@ -203,9 +217,9 @@ impl<'a> Applier<'a> {
                     Mode::empty(),
                 )
                 .context("opening the directory")?;
-                self.set_owner(parent, &name, &e)?;
-                self.set_xattrs_fd(dir.as_fd(), &e)?;
-                self.record_dir(joined, &e);
+                self.set_owner(parent, &name, e)?;
+                self.set_xattrs_fd(dir.as_fd(), e)?;
+                self.record_dir(joined, e);
             }
             Kind::File(body) => {
                 let file = rustix::fs::openat(
@@ -230,20 +244,20 @@ impl<'a> Applier<'a> {
                         self.copier.copy_sparse(entries, file.as_fd(), map)?
                     }
                 }
-                self.set_new_owner(parent, &name, &e)?;
+                self.set_new_owner(parent, &name, e)?;
                 if e.mode & 0o7000 != 0 || e.mode & 0o777 & self.umask != 0 {
                     rustix::fs::fchmod(&file, Mode::from_raw_mode(e.mode)).context("chmod")?;
                 }
-                self.set_xattrs_fd(file.as_fd(), &e)?;
-                set_times(parent, &name, &e)?;
+                self.set_xattrs_fd(file.as_fd(), e)?;
+                set_times(parent, &name, e)?;
             }
             Kind::Hardlink(target) => self.hardlink(parent, &name, target)?,
             Kind::Symlink(target) => {
                 rustix::fs::symlinkat(target.as_slice(), parent, name.as_slice())
                     .context("creating the symlink")?;
-                self.set_new_owner(parent, &name, &e)?;
-                self.set_xattrs_path(parent, &name, &e)?;
-                set_times(parent, &name, &e)?;
+                self.set_new_owner(parent, &name, e)?;
+                self.set_xattrs_path(parent, &name, e)?;
+                set_times(parent, &name, e)?;
             }
             Kind::Char { major, minor } | Kind::Block { major, minor } => {
                 let ft = if matches!(e.kind, Kind::Char { .. }) {
@@ -255,13 +269,13 @@ impl<'a> Applier<'a> {
                 if !self.mknod(parent, &name, ft, dev)? {
                     return Ok(());
                 }
-                self.set_special_meta(parent, &name, &e)?;
+                self.set_special_meta(parent, &name, e)?;
             }
             Kind::Fifo => {
                 if !self.mknod(parent, &name, FileType::Fifo, 0)? {
                     return Ok(());
                 }
-                self.set_special_meta(parent, &name, &e)?;
+                self.set_special_meta(parent, &name, e)?;
             }
         }
         Ok(())

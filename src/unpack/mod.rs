@@ -10,7 +10,7 @@
 //! ```
 //!
 //! Layers are applied in order, base first, as the OCI image spec's "Applying Changesets"
-//! says. Nothing is written outside DIR: see [`root`] for how paths are resolved. Directory
+//! says. Nothing is written outside DIR: see `src/unpack/root.rs` for how paths are resolved. Directory
 //! modes and times are set last, deepest first, so that creating their contents does not
 //! change them.
 //!
