@@ -3,6 +3,8 @@
 # XFS loop mount with reflink that holds both the store and every output:
 #   unpack:  `splitfdstream unpack`  vs  `podman create` + `podman export | tar -x`
 #            vs  `skopeo copy … oci:` + `umoci unpack`
+#            (and, for reference, `cp -a --reflink=always` of the layers' diff dirs: the
+#            filesystem's cost of making that many reflinked files)
 #   export:  `splitfdstream export --compress none`  vs  `skopeo copy` to an uncompressed OCI
 #            layout; and `--compress gzip` vs skopeo's default (gzip)
 # Prints a Markdown table: wall time, CPU time, peak RSS, disk blocks used (filesystem delta, so
@@ -73,6 +75,12 @@ outputs() { rm -rf "$mnt/out" "$mnt/oci" "$mnt/bundle"; }
 run_tool() { # tool
     case $1 in
         unpack) measure "$sfds" unpack "$src" "$mnt/out" ;;
+        # Not an unpack (no whiteouts applied, one tree per layer): the floor of making these
+        # files as reflinks on this filesystem, for reference.
+        cp-reflink)
+            measure bash -c 'mkdir "$2"; for d in "$1"/overlay/*/diff; do
+                cp -a --reflink=always "$d" "$2/$(basename "$(dirname "$d")")"; done' \
+                _ "$graph" "$mnt/out" ;;
         podman-export)
             measure bash -c 'set -eo pipefail
                 c=$(podman --storage-driver overlay --root "$1" --runroot "$2" create -q localhost/bench:latest true)
@@ -99,7 +107,7 @@ echo "| mode | task | tool | wall s | CPU s | peak RSS MiB | disk used MiB | wal
 echo "|---|---|---|---|---|---|---|---|"
 for mode in ${MODES:-warm cold}; do
     for run in $(seq "$runs"); do
-        for group in "unpack:unpack podman-export skopeo-umoci" "export none:export-none skopeo-none" \
+        for group in "unpack:unpack cp-reflink podman-export skopeo-umoci" "export none:export-none skopeo-none" \
                      "export gzip:export-gzip skopeo-gzip"; do
             task=${group%%:*}
             base=""
