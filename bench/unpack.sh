@@ -11,7 +11,7 @@
 # reflinked extents count as free), and each tool's wall time over splitfdstream's.
 #
 # usage (root): bench/unpack.sh [WORKDIR] [SCALE]   (SCALE 1.0 ≈ 2.7 GB, 92,000 files, 5 layers)
-# env: RUNS (default 1), MODES (default "warm cold")
+# env: RUNS (default 1), MODES (default "warm cold"), TASKS (default "unpack none gzip")
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 work="${1:-/var/tmp/splitfdstream-bench-unpack}"
@@ -110,6 +110,7 @@ for mode in ${MODES:-warm cold}; do
         for group in "unpack:unpack cp-reflink podman-export skopeo-umoci" "export none:export-none skopeo-none" \
                      "export gzip:export-gzip skopeo-gzip"; do
             task=${group%%:*}
+            case " ${TASKS:-unpack none gzip} " in *" ${task#export }"*) ;; *) continue ;; esac
             base=""
             for tool in ${group#*:}; do
                 outputs
