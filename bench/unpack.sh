@@ -33,8 +33,10 @@ if ! mountpoint -q "$mnt"; then
     mount -o loop "$work/xfs.img" "$mnt"
 fi
 graph="$mnt/graph"
-# podman refuses a run root longer than 50 bytes.
-run_root=$(mktemp -d /tmp/sfds-bench-run.XXXXXX)
+# podman refuses a run root longer than 50 bytes, and its database remembers the first one:
+# the same short path for the same WORKDIR.
+run_root=/tmp/sfds-bench-run.$(printf '%s' "$work" | sha256sum | cut -c1-12)
+mkdir -p "$run_root"
 trap 'podman --root "$graph" --runroot "$run_root" rm -af >/dev/null 2>&1 || true; umount -l "$graph/overlay" 2>/dev/null || true; rm -rf "$run_root"' EXIT
 P() { podman --storage-driver overlay --root "$graph" --runroot "$run_root" "$@"; }
 B() { buildah --storage-driver overlay --root "$graph" --runroot "$run_root" "$@"; }
