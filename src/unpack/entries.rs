@@ -156,6 +156,17 @@ impl Extensions {
             .transpose()
     }
 
+    /// The `SCHILY.xattr.*` records, in order.
+    fn xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.pax
+            .iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix(b"SCHILY.xattr.")
+                    .map(|name| (name.to_vec(), v.clone()))
+            })
+            .collect()
+    }
+
     fn pax_time(&self, key: &[u8]) -> anyhow::Result<Option<Time>> {
         self.pax(key)
             .map(|v| {
@@ -480,22 +491,7 @@ impl<'s, 'p> Entries<'s, 'p> {
         let typeflag = block[field::TYPEFLAG];
         let ustar = &block[field::MAGIC] == b"ustar\0" && &block[field::VERSION] == b"00";
         let gnu = &block[field::MAGIC] == b"ustar " && &block[field::VERSION] == b" \0";
-        let mut path = c_str(&block[field::NAME]).to_vec();
-        if ustar {
-            let prefix = c_str(&block[field::PREFIX]);
-            if !prefix.is_empty() {
-                let mut full = prefix.to_vec();
-                full.push(b'/');
-                full.extend_from_slice(&path);
-                path = full;
-            }
-        }
-        if let Some(n) = &ext.long_name {
-            path.clone_from(n);
-        }
-        if let Some(p) = ext.pax(b"path") {
-            path = p.to_vec();
-        }
+        let mut path = entry_path(block, &ext, ustar);
         let mut link = ext
             .long_link
             .clone()
@@ -506,31 +502,9 @@ impl<'s, 'p> Entries<'s, 'p> {
         let show = String::from_utf8_lossy(&path).into_owned();
         let ctx = |e: anyhow::Error| e.context(format!("tar entry {show:?} at offset {at}"));
         let mode = numeric(block, field::MODE, "mode", at)? as u32 & 0o7777;
-        let uid = ext
-            .pax_u64(b"uid")
-            .map_err(ctx)?
-            .unwrap_or(numeric(block, field::UID, "uid", at)? as u64);
-        let gid = ext
-            .pax_u64(b"gid")
-            .map_err(ctx)?
-            .unwrap_or(numeric(block, field::GID, "gid", at)? as u64);
-        let mtime = match ext.pax_time(b"mtime").map_err(ctx)? {
-            Some(t) => t,
-            None => Time {
-                sec: numeric(block, field::MTIME, "mtime", at)?,
-                nsec: 0,
-            },
-        };
-        let atime = ext.pax_time(b"atime").map_err(ctx)?;
+        let (uid, gid, mtime, atime) = owner_and_times(block, &ext, at).map_err(ctx)?;
         let size = ext.pax_u64(b"size").map_err(ctx)?.unwrap_or(header_size);
-        let xattrs: Vec<(Vec<u8>, Vec<u8>)> = ext
-            .pax
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(b"SCHILY.xattr.")
-                    .map(|name| (name.to_vec(), v.clone()))
-            })
-            .collect();
+        let xattrs = ext.xattrs();
         if let Some(name) = ext.pax(b"GNU.sparse.name") {
             path = name.to_vec();
         }
@@ -660,6 +634,50 @@ impl<'s, 'p> Entries<'s, 'p> {
         );
         Ok(FileBody::Sparse { map })
     }
+}
+
+/// An entry's owner, group, mtime and atime: PAX records where given, else the header's.
+fn owner_and_times(
+    block: &[u8; BLOCK_LEN],
+    ext: &Extensions,
+    at: u64,
+) -> anyhow::Result<(u64, u64, Time, Option<Time>)> {
+    let uid = match ext.pax_u64(b"uid")? {
+        Some(v) => v,
+        None => numeric(block, field::UID, "uid", at)? as u64,
+    };
+    let gid = match ext.pax_u64(b"gid")? {
+        Some(v) => v,
+        None => numeric(block, field::GID, "gid", at)? as u64,
+    };
+    let mtime = match ext.pax_time(b"mtime")? {
+        Some(t) => t,
+        None => Time {
+            sec: numeric(block, field::MTIME, "mtime", at)?,
+            nsec: 0,
+        },
+    };
+    Ok((uid, gid, mtime, ext.pax_time(b"atime")?))
+}
+
+/// An entry's path: its name field (with the ustar prefix), replaced by a GNU long name, then
+/// by a PAX `path` record, as Go's reader resolves it.
+fn entry_path(block: &[u8; BLOCK_LEN], ext: &Extensions, ustar: bool) -> Vec<u8> {
+    if let Some(p) = ext.pax(b"path") {
+        return p.to_vec();
+    }
+    if let Some(n) = &ext.long_name {
+        return n.clone();
+    }
+    let name = c_str(&block[field::NAME]);
+    let prefix = c_str(&block[field::PREFIX]);
+    if !ustar || prefix.is_empty() {
+        return name.to_vec();
+    }
+    let mut full = prefix.to_vec();
+    full.push(b'/');
+    full.extend_from_slice(name);
+    full
 }
 
 /// Zero bytes after a body of `size` bytes, up to the next block.
