@@ -15,12 +15,14 @@ use indicatif::{
 };
 
 use splitfdstream::client::{Proxy, ProxyConfig, UsernsMode};
+use splitfdstream::export::{Compression, ExportOptions, export};
 use splitfdstream::proto::rpc::LayerInfo;
 use splitfdstream::proto::rpc::LayerSelector;
 use splitfdstream::proto::source::{ImageRef, Store};
 use splitfdstream::pull::{LayerStatus, Progress, PullOptions};
 use splitfdstream::repo::{HashAlg, SourceTrust};
 use splitfdstream::sink::{AtomicFile, write_layer_tar};
+use splitfdstream::unpack::{UnpackOptions, UnpackProgress, WhiteoutFormat};
 
 /// `--hash` values.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -49,6 +51,21 @@ struct HelperArgs {
     /// (auto: for a non-root caller's own containers-storage store, as rootless podman).
     #[arg(long, value_enum, default_value_t = UsernsArg::Auto)]
     userns: UsernsArg,
+}
+
+/// `--whiteouts` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum WhiteoutArg {
+    Overlay,
+    Oci,
+}
+
+/// `--compress` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CompressArg {
+    None,
+    Gzip,
+    Zstd,
 }
 
 /// `--userns` values.
@@ -203,6 +220,42 @@ enum Cmd {
         #[command(flatten)]
         ignored: SkopeoFlags,
     },
+    /// Unpack an image's root filesystem (or one layer's changes) into a directory,
+    /// reflinking file bodies from the store where the filesystem allows.
+    Unpack {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// The directory: created, or an existing empty one.
+        dir: PathBuf,
+        /// Apply only this layer's changes (0 = base layer), keeping its whiteouts.
+        #[arg(long)]
+        layer: Option<usize>,
+        /// How `--layer` keeps whiteouts: overlay (character device 0/0, overlay.opaque
+        /// xattr) or oci (`.wh.` files).
+        #[arg(long, value_enum, default_value_t = WhiteoutArg::Overlay, requires = "layer")]
+        whiteouts: WhiteoutArg,
+        /// Unpack into a sibling directory and rename it into place only on success.
+        #[arg(long)]
+        atomic: bool,
+        #[command(flatten)]
+        helper: HelperArgs,
+    },
+    /// Write an image as an OCI image layout: each layer the exact layer tar, or that tar
+    /// compressed.
+    Export {
+        /// `containers-storage:[DRIVER@GRAPHROOT+RUNROOT]REF` or `oci:DIR[:TAG]`.
+        source: ImageRef,
+        /// `oci:DIR[:TAG]`: the layout (created if missing) and the tag of the index entry.
+        dest: ImageRef,
+        /// Layer compression.
+        #[arg(long, value_enum, default_value_t = CompressArg::None)]
+        compress: CompressArg,
+        /// Layers exported in parallel (default: cores, at most 8).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[command(flatten)]
+        helper: HelperArgs,
+    },
     /// Serve the protocol on an inherited socket. Spawned by the client, not by people.
     #[command(hide = true)]
     Helper {
@@ -297,6 +350,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::ExperimentalImageProxy { sockfd, ignored: _ } => {
             splitfdstream::imageproxy::serve(crate::adopt_socket_fd(sockfd)?)
         }
+        Cmd::Unpack {
+            source,
+            dir,
+            layer,
+            whiteouts,
+            atomic,
+            helper,
+        } => {
+            let opts = UnpackOptions {
+                layer,
+                whiteouts: match whiteouts {
+                    WhiteoutArg::Overlay => WhiteoutFormat::Overlay,
+                    WhiteoutArg::Oci => WhiteoutFormat::Oci,
+                },
+                atomic,
+                ..UnpackOptions::default()
+            };
+            unpack(&helper.proxy_config(&source.store), &source, &dir, &opts)
+        }
+        Cmd::Export {
+            source,
+            dest,
+            compress,
+            jobs,
+            helper,
+        } => {
+            let Store::OciLayout { dir } = &dest.store else {
+                anyhow::bail!("the destination must be oci:DIR[:TAG]");
+            };
+            let opts = ExportOptions {
+                compression: match compress {
+                    CompressArg::None => Compression::None,
+                    CompressArg::Gzip => Compression::Gzip,
+                    CompressArg::Zstd => Compression::Zstd,
+                },
+                jobs,
+                tag: Some(dest.reference.clone()).filter(|t| !t.is_empty()),
+            };
+            let config = helper.proxy_config(&source.store);
+            let summary = export(&config, &source.reference, dir, &opts)?;
+            writeln!(io::stdout().lock(), "{}", summary.manifest.digest())?;
+            Ok(())
+        }
         Cmd::Helper {
             socket_fd,
             store,
@@ -331,6 +427,26 @@ fn helper(
     let client = splitfdstream::helper::client_uid(&sock);
     splitfdstream::helper::check_store_for_client(&store, client)?;
     splitfdstream::helper::server::serve_with(sock, store, options)
+}
+
+/// Warnings of `unpack` on stderr.
+struct UnpackWarnings;
+
+impl UnpackProgress for UnpackWarnings {
+    fn warning(&self, message: &str) {
+        eprintln!("splitfdstream: warning: {message}");
+    }
+}
+
+fn unpack(
+    config: &ProxyConfig,
+    source: &ImageRef,
+    dir: &Path,
+    opts: &UnpackOptions,
+) -> anyhow::Result<()> {
+    let mut proxy = Proxy::spawn(config)?;
+    splitfdstream::unpack::unpack(&mut proxy, &source.reference, dir, opts, &UnpackWarnings)?;
+    proxy.shutdown()
 }
 
 fn inspect(config: &ProxyConfig, source: &ImageRef, json: bool) -> anyhow::Result<()> {

@@ -25,10 +25,12 @@
 #![deny(unsafe_code)]
 
 pub mod client;
+pub mod export;
 pub mod helper;
 pub mod imageproxy;
 pub mod proto;
 pub mod pull;
 pub mod repo;
 pub mod sink;
+pub mod unpack;
 pub mod userns;

@@ -582,6 +582,26 @@ fn round_trip(compression: &str) {
             }
             Err(e) => panic!("cfsctl oci pull {reference}: {e}"),
         };
+        // `unpack` of the registry-pulled image gives the tree podman mounts.
+        let unpacked = dir.join("unpacked");
+        let out = Command::new(BIN)
+            .args(["unpack", &store.source(reference)])
+            .arg(&unpacked)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "unpack {reference}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mnt = store.podman(&["image", "mount", reference]);
+        let mnt = PathBuf::from(String::from_utf8(mnt.stdout).unwrap().trim());
+        let same =
+            std::panic::catch_unwind(|| common::tree::assert_same_tree(reference, &unpacked, &mnt));
+        store.podman(&["image", "unmount", reference]);
+        if let Err(p) = same {
+            std::panic::resume_unwind(p);
+        }
         same_as_cfsctl(&cfsctl, &ours, &theirs, "img", same_manifest);
         same_as_cfsctl(&cfsctl, &ours_by_digest, &theirs, "img", same_manifest);
         println!(

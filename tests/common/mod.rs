@@ -5,6 +5,7 @@
 pub mod fixtures;
 pub mod proxy_client;
 pub mod tools;
+pub mod tree;
 
 use std::io::Read;
 use std::os::fd::OwnedFd;
