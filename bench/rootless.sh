@@ -69,7 +69,9 @@ if [ ! -e "$ud/.built" ]; then
     skopeo copy --quiet --dest-oci-accept-uncompressed-layers \
         "containers-storage:[overlay@$rg+$rr]localhost/bench:latest" "oci:$layout:bench"
     chmod -R a+rX "$layout"
-    as_user podman pull --quiet "oci:$layout:bench" >/dev/null
+    # podman names an image pulled from a layout after the layout's path: tag it as root's is.
+    id=$(as_user podman pull --quiet "oci:$layout:bench")
+    as_user podman tag "$id" localhost/bench:latest
     rm -rf "$layout"
     touch "$ud/.built"
 fi
