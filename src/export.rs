@@ -4,7 +4,8 @@
 //! ```text
 //!  helper ─splitfdstream + fds─▶ worker (one helper each, layers in parallel)
 //!                                  │ write_layer_tar: bodies read by position, diff_id checked
-//!                                  │ [gzip | zstd (multi-threaded)]
+//!                                  │ [gzip (chunks on a pool of threads, see gzip.rs)
+//!                                  │  | zstd (multi-threaded)]
 //!                                  ▼
 //!                 blobs/sha256/<digest>  (written to a temporary file, renamed to its digest)
 //!  config (bytes as stored) ─▶ manifest ─▶ index.json entry with the tag (replaced atomically)
@@ -34,6 +35,8 @@ use crate::client::{Proxy, ProxyConfig};
 use crate::proto::rpc::{LayerSelector, OpenImageResult};
 use crate::sink::{AtomicFile, write_layer_tar};
 
+mod gzip;
+
 /// Buffer between the layer tar and the blob file (or the compressor).
 const WRITE_BUF: usize = 1 << 20;
 
@@ -46,7 +49,8 @@ pub enum Compression {
     /// The exact layer tar: the blob's digest is the diff_id.
     #[default]
     None,
-    /// gzip (`application/vnd.oci.image.layer.v1.tar+gzip`).
+    /// gzip (`application/vnd.oci.image.layer.v1.tar+gzip`), as concatenated members
+    /// compressed on every core.
     Gzip,
     /// zstd, multi-threaded (`application/vnd.oci.image.layer.v1.tar+zstd`).
     Zstd,
@@ -297,6 +301,18 @@ fn export_layers(
     // Threads each compressor may use: the cores not taken by other layers.
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let zstd_workers = u32::try_from((cores / jobs).max(1)).unwrap_or(1);
+    // One pool for every layer: a dominant layer gets every core once the others are done.
+    let pool = match compression {
+        Compression::Gzip => {
+            Some(gzip::Pool::new(cores).context("starting the gzip compression threads")?)
+        }
+        _ => None,
+    };
+    let codec = Codec {
+        compression,
+        zstd_workers,
+        pool: pool.as_ref(),
+    };
     let work = |proxy: &mut Proxy, handle: u64| -> anyhow::Result<()> {
         loop {
             let index = next.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +320,7 @@ fn export_layers(
                 return Ok(());
             }
             let info = &image.layers[index];
-            let exported = export_layer(proxy, handle, index, oci, compression, zstd_workers)
+            let exported = export_layer(proxy, handle, index, oci, &codec)
                 .with_context(|| format!("layer {index} ({})", info.diff_id))?;
             results.lock().unwrap_or_else(|e| e.into_inner())[index] = Some(exported);
         }
@@ -343,14 +359,24 @@ fn export_layers(
         .collect()
 }
 
+/// How layer tars become blobs.
+#[derive(Debug, Clone, Copy)]
+struct Codec<'a> {
+    compression: Compression,
+    /// Threads of each layer's zstd encoder.
+    zstd_workers: u32,
+    /// The gzip threads (with [`Compression::Gzip`]).
+    pool: Option<&'a gzip::Pool>,
+}
+
 fn export_layer(
     proxy: &mut Proxy,
     image: u64,
     index: usize,
     oci: &OciDir,
-    compression: Compression,
-    zstd_workers: u32,
+    codec: &Codec<'_>,
 ) -> anyhow::Result<Exported> {
+    let compression = codec.compression;
     let mut stream = proxy.get_layer(image, LayerSelector::Index(index as u64), None)?;
     let diff_id = stream.layer().diff_id.clone();
     let hex = diff_id
@@ -382,15 +408,15 @@ fn export_layer(
             (w.complete()?, stats)
         }
         Compression::Gzip => {
-            let gz = flate2::write::GzEncoder::new(blob_writer, flate2::Compression::default());
-            let mut out = std::io::BufWriter::with_capacity(WRITE_BUF, gz);
-            let stats = write_layer_tar(&mut stream, &mut out, false)?;
-            let gz = out.into_inner().map_err(|e| e.into_error())?;
+            let pool = codec.pool.context("gzip export without its threads")?;
+            // No BufWriter: the writer buffers a whole chunk itself.
+            let mut gz = pool.writer(blob_writer);
+            let stats = write_layer_tar(&mut stream, &mut gz, false)?;
             (gz.finish()?.complete()?, stats)
         }
         Compression::Zstd => {
             let mut z = zstd::Encoder::new(blob_writer, 0)?;
-            z.multithread(zstd_workers)
+            z.multithread(codec.zstd_workers)
                 .context("starting zstd's worker threads")?;
             let mut out = std::io::BufWriter::with_capacity(WRITE_BUF, z);
             let stats = write_layer_tar(&mut stream, &mut out, false)?;

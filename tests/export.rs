@@ -199,9 +199,12 @@ fn pulling_the_export_gives_the_same_composefs_image() {
     };
     let work = tempfile::TempDir::new_in(&f.out).unwrap();
     let layout = work.path().join("layout");
+    let gzipped = work.path().join("gzip");
     let image = f.image("basic");
     let source = format!("{}{}", f.store_arg(), image.reference);
     export(&source, &format!("oci:{}:basic", layout.display()), &[]);
+    let gz_dest = format!("oci:{}:basic", gzipped.display());
+    export(&source, &gz_dest, &["--compress", "gzip"]);
     let pull = |source: &str, repo: &Path| {
         run(Command::new(BIN)
             .args(["pull", source, "--repo"])
@@ -214,6 +217,11 @@ fn pulling_the_export_gives_the_same_composefs_image() {
     let id_a = cfs(&cfsctl, &a, &["oci", "compute-id", "t"]);
     let id_b = cfs(&cfsctl, &b, &["oci", "compute-id", "t"]);
     assert_eq!(id_a.trim(), id_b.trim());
+    // Multi-member gzip layers, decompressed by our own pull.
+    let c = work.path().join("c");
+    pull(&gz_dest, &c);
+    let id_c = cfs(&cfsctl, &c, &["oci", "compute-id", "t"]);
+    assert_eq!(id_a.trim(), id_c.trim());
 }
 
 #[test]
@@ -230,19 +238,48 @@ fn compressed_layers_decompress_to_the_diff_ids() {
         let dest = format!("oci:{}:basic", layout.display());
         export(&source, &dest, &["--compress", compress, "--jobs", "2"]);
         let m = manifest(&layout, "basic");
+        let mut most_members = 0;
         for (l, diff_id) in m["layers"].as_array().unwrap().iter().zip(&image.diff_ids) {
             assert_eq!(l["mediaType"], media_type);
-            let file = std::fs::File::open(blob(&layout, l["digest"].as_str().unwrap())).unwrap();
+            let path = blob(&layout, l["digest"].as_str().unwrap());
+            let file = std::fs::File::open(&path).unwrap();
             let uncompressed = match compress {
-                "gzip" => sha256_hex(flate2::read::GzDecoder::new(file)),
+                "gzip" => {
+                    run(Command::new("gzip").arg("-t").arg(&path));
+                    let (hex, members) = gzip_members(file);
+                    most_members = most_members.max(members);
+                    hex
+                }
                 _ => sha256_hex(zstd::Decoder::new(file).unwrap()),
             };
             assert_eq!(&uncompressed, diff_id, "{compress}");
+        }
+        if compress == "gzip" {
+            // The base layer holds a 3 MiB file: compressed in chunks, as several members.
+            assert!(most_members > 1, "one gzip member per layer");
         }
         assert_blobs_named_by_digest(&layout);
         let id = copy_into_new_store(&dest, work.path());
         assert_eq!(id, image.id, "{compress}");
     }
+}
+
+/// The sha256 of a gzip file's content, read member by member, and how many members it has.
+fn gzip_members(file: std::fs::File) -> (String, usize) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(file);
+    let mut hasher = Sha256::new();
+    let mut members = 0;
+    while !reader.fill_buf().unwrap().is_empty() {
+        // bufread's decoder stops at the end of its member.
+        let mut member = flate2::bufread::GzDecoder::new(&mut reader);
+        std::io::copy(&mut member, &mut hasher).unwrap();
+        members += 1;
+    }
+    (
+        format!("sha256:{}", hex::encode(hasher.finalize())),
+        members,
+    )
 }
 
 /// Killed part-way, an export leaves only blobs named by their digests, and no index entry.

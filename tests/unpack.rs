@@ -205,7 +205,7 @@ for entries in spec["layers"]:
         for e in entries:
             ti = tarfile.TarInfo(e["name"])
             ti.type = kinds[e["type"]]
-            ti.mode = 0o755 if e["type"] == "dir" else 0o644
+            ti.mode = e.get("mode", 0o755 if e["type"] == "dir" else 0o644)
             ti.mtime = 1700000000
             ti.uid = ti.gid = e.get("uid", 0)
             ti.linkname = e.get("link", "")
@@ -400,7 +400,9 @@ fn symlinks_inside_the_tree_are_followed() {
     assert_eq!(a.ino(), b.ino());
 }
 
-/// Not root: owners are not applied (said once), everything else is.
+/// Not root: owners are not applied (said once), everything else is, including modes that
+/// deny the owner what creating the tree needs (a mode-000 directory with contents, a
+/// read-only directory a later layer adds to and removes from, a link to a mode-000 file).
 #[test]
 fn not_root_owners_are_left_out_once() {
     if !rustix::process::geteuid().is_root()
@@ -413,11 +415,27 @@ fn not_root_owners_are_left_out_once() {
     let layout = work.path().join("layout");
     make_layout(
         &layout,
-        serde_json::json!([[
-            {"name": "d/", "type": "dir", "uid": 1234},
-            {"name": "d/f", "type": "file", "data": "owned by 1234", "uid": 1234},
-            {"name": "d/g", "type": "file", "data": "and this", "uid": 1234},
-        ]]),
+        serde_json::json!([
+            [
+                {"name": "d/", "type": "dir", "uid": 1234},
+                {"name": "d/f", "type": "file", "data": "owned by 1234", "uid": 1234},
+                {"name": "d/g", "type": "file", "data": "and this", "uid": 1234},
+                {"name": "locked/", "type": "dir", "mode": 0},
+                {"name": "locked/inner/", "type": "dir", "mode": 0o500},
+                {"name": "locked/inner/secret", "type": "file", "data": "s", "mode": 0},
+                {"name": "locked/gone", "type": "file", "data": "x", "mode": 0o400},
+                {"name": "ro/", "type": "dir", "mode": 0o555},
+                {"name": "ro/old", "type": "file", "data": "old", "mode": 0o444},
+            ],
+            [
+                {"name": "locked/", "type": "dir", "mode": 0},
+                {"name": "locked/.wh.gone", "type": "file"},
+                {"name": "locked/link", "type": "hardlink", "link": "locked/inner/secret"},
+                {"name": "ro/", "type": "dir", "mode": 0o555},
+                {"name": "ro/old", "type": "file", "data": "new", "mode": 0o444},
+                {"name": "ro/added", "type": "file", "data": "added", "mode": 0o400},
+            ],
+        ]),
     );
     let nobody = 65534;
     let dir = work.path().join("out");
@@ -445,4 +463,24 @@ fn not_root_owners_are_left_out_once() {
     let md = std::fs::metadata(dir.join("d/f")).unwrap();
     assert_eq!((md.uid(), md.gid()), (nobody, nobody));
     assert_eq!(std::fs::read(dir.join("d/g")).unwrap(), b"and this");
+    let tree = listing(&dir);
+    let expected = [
+        ("locked", "d0"),
+        ("locked/inner", "d500"),
+        ("locked/inner/secret", "f0"),
+        ("locked/link", "f0"),
+        ("ro", "d555"),
+        ("ro/old", "f444"),
+        ("ro/added", "f400"),
+    ];
+    for (path, kind_mode) in expected {
+        assert!(tree[path].starts_with(kind_mode), "{path}: {}", tree[path]);
+    }
+    assert!(!tree.contains_key("locked/gone"), "{tree:?}");
+    assert_eq!(std::fs::read(dir.join("ro/old")).unwrap(), b"new");
+    let (a, b) = (dir.join("locked/link"), dir.join("locked/inner/secret"));
+    assert_eq!(
+        std::fs::metadata(a).unwrap().ino(),
+        std::fs::metadata(b).unwrap().ino()
+    );
 }

@@ -9,7 +9,9 @@
 //! user* (`podman import`, then `podman build` with `COPY --chown`), and a root store holding
 //! the same image (copied with skopeo) to compare with.
 
+#[path = "../common/mod.rs"]
 mod common;
+mod unpack;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
