@@ -43,6 +43,7 @@
 use std::fmt;
 use std::ops::Range;
 
+pub mod header;
 mod pax;
 pub mod sparse;
 use pax::PaxParser;

@@ -13,27 +13,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use anyhow::{Context, bail, ensure};
 
 use crate::client::{LayerItem, LayerStream};
+pub(crate) use crate::proto::tar::header::Time;
+use crate::proto::tar::header::{self, Extensions, field};
 use crate::proto::tar::{
     self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN, Pax1MapReader, SparseEntry, SparseFormat, SparseMap,
 };
-
-/// Offsets of the ustar header fields read here.
-mod field {
-    use std::ops::Range;
-    pub const NAME: Range<usize> = 0..100;
-    pub const MODE: Range<usize> = 100..108;
-    pub const UID: Range<usize> = 108..116;
-    pub const GID: Range<usize> = 116..124;
-    pub const SIZE: Range<usize> = 124..136;
-    pub const MTIME: Range<usize> = 136..148;
-    pub const TYPEFLAG: usize = 156;
-    pub const LINKNAME: Range<usize> = 157..257;
-    pub const MAGIC: Range<usize> = 257..263;
-    pub const VERSION: Range<usize> = 263..265;
-    pub const DEVMAJOR: Range<usize> = 329..337;
-    pub const DEVMINOR: Range<usize> = 337..345;
-    pub const PREFIX: Range<usize> = 345..500;
-}
 
 /// Old GNU sparse header: non-zero when an extension block follows.
 const GNU_IS_EXTENDED: usize = 482;
@@ -42,14 +26,6 @@ const GNU_EXT_IS_EXTENDED: usize = 504;
 /// Most extension blocks of one old GNU sparse entry (21 segments each): as many as the
 /// framer's segment limit allows, so a hostile chain cannot make us buffer without end.
 const MAX_GNU_EXTENSIONS: usize = ptar::MAX_SPARSE_SEGMENTS / 21 + 1;
-
-/// A point in time as tar gives it: seconds since the epoch (negative before 1970) and
-/// nanoseconds `0..1e9`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Time {
-    pub sec: i64,
-    pub nsec: u32,
-}
 
 /// What an entry is.
 #[derive(Debug)]
@@ -117,69 +93,6 @@ struct Pending {
     left: u64,
     padding: u64,
     source: BodySource,
-}
-
-/// Records of the extension headers that apply to the next entry.
-#[derive(Debug, Default)]
-struct Extensions {
-    long_name: Option<Vec<u8>>,
-    long_link: Option<Vec<u8>>,
-    /// Merged as Go merges them: a later `x` header's key replaces an earlier one.
-    pax: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The PAX records as they came (sparse maps repeat keys, which merging would lose).
-    pax_raw: Vec<u8>,
-}
-
-impl Extensions {
-    fn pax(&self, key: &[u8]) -> Option<&[u8]> {
-        self.pax
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    fn pax_u64(&self, key: &[u8]) -> anyhow::Result<Option<u64>> {
-        self.pax(key)
-            .map(|v| {
-                std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .with_context(|| {
-                        format!(
-                            "PAX record {} has value {:?}",
-                            String::from_utf8_lossy(key),
-                            String::from_utf8_lossy(v)
-                        )
-                    })
-            })
-            .transpose()
-    }
-
-    /// The `SCHILY.xattr.*` records, in order.
-    fn xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
-        self.pax
-            .iter()
-            .filter_map(|(k, v)| {
-                k.strip_prefix(b"SCHILY.xattr.")
-                    .map(|name| (name.to_vec(), v.clone()))
-            })
-            .collect()
-    }
-
-    fn pax_time(&self, key: &[u8]) -> anyhow::Result<Option<Time>> {
-        self.pax(key)
-            .map(|v| {
-                parse_pax_time(v).with_context(|| {
-                    format!(
-                        "PAX {} {:?} is not a time",
-                        String::from_utf8_lossy(key),
-                        String::from_utf8_lossy(v)
-                    )
-                })
-            })
-            .transpose()
-    }
 }
 
 /// The entries of one layer stream.
@@ -449,17 +362,8 @@ impl<'s, 'p> Entries<'s, 'p> {
                 let mut data = vec![0u8; size as usize];
                 self.read_inline_exact(&mut data, "an extension header")?;
                 self.skip_inline(padding(size), "an extension header's padding")?;
-                match typeflag {
-                    b'x' => {
-                        parse_pax(&data, &mut ext.pax)
-                            .with_context(|| format!("PAX header at offset {at}"))?;
-                        ext.pax_raw.extend_from_slice(&data);
-                    }
-                    b'L' => ext.long_name = Some(c_str(&data).to_vec()),
-                    b'K' => ext.long_link = Some(c_str(&data).to_vec()),
-                    // A global header is an entry of its own; Go's applier ignores it.
-                    _ => {}
-                }
+                ext.add(typeflag, &data)
+                    .with_context(|| format!("extension header at offset {at}"))?;
                 continue;
             }
             return self.entry(&block, size, ext, at).map(Some);
@@ -489,21 +393,17 @@ impl<'s, 'p> Entries<'s, 'p> {
         at: u64,
     ) -> anyhow::Result<Entry> {
         let typeflag = block[field::TYPEFLAG];
-        let ustar = &block[field::MAGIC] == b"ustar\0" && &block[field::VERSION] == b"00";
-        let gnu = &block[field::MAGIC] == b"ustar " && &block[field::VERSION] == b" \0";
-        let mut path = entry_path(block, &ext, ustar);
-        let mut link = ext
-            .long_link
-            .clone()
-            .unwrap_or_else(|| c_str(&block[field::LINKNAME]).to_vec());
-        if let Some(l) = ext.pax(b"linkpath") {
-            link = l.to_vec();
-        }
+        let (ustar, gnu) = (header::is_ustar(block), header::is_gnu(block));
+        let mut path = ext.path(block);
+        let link = ext.link_path(block);
         let show = String::from_utf8_lossy(&path).into_owned();
         let ctx = |e: anyhow::Error| e.context(format!("tar entry {show:?} at offset {at}"));
         let mode = numeric(block, field::MODE, "mode", at)? as u32 & 0o7777;
         let (uid, gid, mtime, atime) = owner_and_times(block, &ext, at).map_err(ctx)?;
-        let size = ext.pax_u64(b"size").map_err(ctx)?.unwrap_or(header_size);
+        let size = ext
+            .pax_u64(b"size")
+            .map_err(|e| ctx(e.into()))?
+            .unwrap_or(header_size);
         let xattrs = ext.xattrs();
         if let Some(name) = ext.pax(b"GNU.sparse.name") {
             path = name.to_vec();
@@ -660,26 +560,6 @@ fn owner_and_times(
     Ok((uid, gid, mtime, ext.pax_time(b"atime")?))
 }
 
-/// An entry's path: its name field (with the ustar prefix), replaced by a GNU long name, then
-/// by a PAX `path` record, as Go's reader resolves it.
-fn entry_path(block: &[u8; BLOCK_LEN], ext: &Extensions, ustar: bool) -> Vec<u8> {
-    if let Some(p) = ext.pax(b"path") {
-        return p.to_vec();
-    }
-    if let Some(n) = &ext.long_name {
-        return n.clone();
-    }
-    let name = c_str(&block[field::NAME]);
-    let prefix = c_str(&block[field::PREFIX]);
-    if !ustar || prefix.is_empty() {
-        return name.to_vec();
-    }
-    let mut full = prefix.to_vec();
-    full.push(b'/');
-    full.extend_from_slice(name);
-    full
-}
-
 /// Zero bytes after a body of `size` bytes, up to the next block.
 fn padding(size: u64) -> u64 {
     (BLOCK_LEN as u64 - size % BLOCK_LEN as u64) % BLOCK_LEN as u64
@@ -691,76 +571,7 @@ fn numeric(
     what: &str,
     at: u64,
 ) -> anyhow::Result<i64> {
-    ptar::parse_numeric(&block[f])
-        .with_context(|| format!("tar header at offset {at}: invalid {what} field"))
-}
-
-/// The bytes of a NUL-terminated field up to its first NUL.
-fn c_str(field: &[u8]) -> &[u8] {
-    field
-        .iter()
-        .position(|&b| b == 0)
-        .map_or(field, |n| &field[..n])
-}
-
-/// Parse PAX records (`"<len> <key>=<value>\n"`) into `out`, a later value of a key
-/// replacing an earlier one.
-fn parse_pax(mut data: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> anyhow::Result<()> {
-    while !data.is_empty() {
-        let sp = data
-            .iter()
-            .position(|&b| b == b' ')
-            .context("a PAX record without a length")?;
-        let len: usize = std::str::from_utf8(&data[..sp])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .filter(|&l| l > sp + 1 && l <= data.len())
-            .context("a PAX record with a bad length")?;
-        let record = data[sp + 1..len]
-            .strip_suffix(b"\n")
-            .context("a PAX record not ending in a newline")?;
-        let eq = record
-            .iter()
-            .position(|&b| b == b'=')
-            .context("a PAX record without `=`")?;
-        let (key, value) = (&record[..eq], &record[eq + 1..]);
-        out.retain(|(k, _)| k != key);
-        out.push((key.to_vec(), value.to_vec()));
-        data = &data[len..];
-    }
-    Ok(())
-}
-
-/// A PAX time (`[-]sec[.frac]`) as Go's `parsePAXTime` reads it: at most nine fraction digits
-/// count, and a negative time's fraction counts back from the second before.
-fn parse_pax_time(value: &[u8]) -> Option<Time> {
-    let s = std::str::from_utf8(value).ok()?;
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let negative = int.starts_with('-');
-    let digits = int.strip_prefix('-').unwrap_or(int);
-    if digits.is_empty() && frac.is_empty() {
-        return None;
-    }
-    if !digits.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let sec: i64 = if digits.is_empty() {
-        0
-    } else {
-        digits.parse().ok()?
-    };
-    let mut nsec = 0u32;
-    for (i, b) in frac.bytes().take(9).enumerate() {
-        nsec += u32::from(b - b'0') * 10u32.pow(8 - i as u32);
-    }
-    Some(match (negative, nsec) {
-        (false, _) => Time { sec, nsec },
-        (true, 0) => Time { sec: -sec, nsec: 0 },
-        (true, _) => Time {
-            sec: -sec - 1,
-            nsec: 1_000_000_000 - nsec,
-        },
-    })
+    header::numeric(block, f, what).with_context(|| format!("tar header at offset {at}"))
 }
 
 /// `pread` once, retrying on `EINTR`.
@@ -774,32 +585,5 @@ pub(crate) fn pread(
             Err(rustix::io::Errno::INTR) => continue,
             r => return r.map_err(Into::into),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_times_as_go_reads_them() {
-        let t = |s: &str| parse_pax_time(s.as_bytes()).map(|t| (t.sec, t.nsec));
-        assert_eq!(t("1700000000"), Some((1_700_000_000, 0)));
-        assert_eq!(t("1700000000.5"), Some((1_700_000_000, 500_000_000)));
-        assert_eq!(t("1.1234567891"), Some((1, 123_456_789)));
-        assert_eq!(t("-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(t(".5"), Some((0, 500_000_000)));
-        for bad in ["", "-", "1e5", "1.x", "--1", " 1"] {
-            assert_eq!(t(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn pax_records_merge_later_over_earlier() {
-        let mut out = Vec::new();
-        parse_pax(b"11 path=a/\n12 mtime=-5\n", &mut out).unwrap();
-        parse_pax(b"11 path=bb\n", &mut out).unwrap();
-        assert_eq!(out[1], (b"path".to_vec(), b"bb".to_vec()));
-        assert!(parse_pax(b"99 path=a\n", &mut out).is_err());
     }
 }

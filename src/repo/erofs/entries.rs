@@ -14,6 +14,7 @@
 //! types `1`–`6` and directories whatever their size field, and the first zero block ends the
 //! archive.
 
+use crate::proto::tar::header::{self, Extensions, HeaderError, field};
 use crate::proto::tar::{
     self as ptar, BLOCK_LEN, MAX_EXTENSION_LEN, Pax1MapReader, SparseEntry, SparseFormat,
 };
@@ -51,119 +52,14 @@ pub(super) struct RawEntry {
     pub item: RawItem,
 }
 
-/// Offsets of the ustar header fields used here.
-mod field {
-    use std::ops::Range;
-    pub const NAME: Range<usize> = 0..100;
-    pub const MODE: Range<usize> = 100..108;
-    pub const UID: Range<usize> = 108..116;
-    pub const GID: Range<usize> = 116..124;
-    pub const SIZE: Range<usize> = 124..136;
-    pub const MTIME: Range<usize> = 136..148;
-    pub const TYPEFLAG: usize = 156;
-    pub const LINKNAME: Range<usize> = 157..257;
-    pub const MAGIC: Range<usize> = 257..263;
-    pub const VERSION: Range<usize> = 263..265;
-    pub const DEVMAJOR: Range<usize> = 329..337;
-    pub const DEVMINOR: Range<usize> = 337..345;
-    pub const PREFIX: Range<usize> = 345..500;
-}
-
-/// The extension records that apply to the next entry.
-#[derive(Default)]
-struct Pending {
-    long_name: Option<Vec<u8>>,
-    long_link: Option<Vec<u8>>,
-    /// PAX records, merged as Go merges them: a later `x` header's key replaces an earlier one.
-    pax: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The PAX records as they came (sparse maps repeat keys, which merging would lose).
-    pax_raw: Vec<u8>,
-}
-
-impl Pending {
-    fn pax(&self, key: &[u8]) -> Option<&[u8]> {
-        self.pax
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_slice())
-    }
-}
-
 fn skip(what: impl Into<String>) -> BuildError {
     BuildError::Skip(what.into())
 }
 
-/// The bytes of a NUL-terminated field up to its first NUL.
-fn c_str(field: &[u8]) -> &[u8] {
-    field
-        .iter()
-        .position(|&b| b == 0)
-        .map_or(field, |n| &field[..n])
-}
-
-/// Parse PAX records (`"<len> <key>=<value>\n"`) into `out`, replacing earlier values of the
-/// same key.
-fn parse_pax(mut data: &[u8], out: &mut Vec<(Vec<u8>, Vec<u8>)>) -> Result<(), BuildError> {
-    while !data.is_empty() {
-        let sp = data
-            .iter()
-            .position(|&b| b == b' ')
-            .ok_or_else(|| skip("a PAX record without a length"))?;
-        let len: usize = std::str::from_utf8(&data[..sp])
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .filter(|&l| l > sp + 1 && l <= data.len())
-            .ok_or_else(|| skip("a PAX record with a bad length"))?;
-        let record = &data[sp + 1..len];
-        let record = record
-            .strip_suffix(b"\n")
-            .ok_or_else(|| skip("a PAX record not ending in a newline"))?;
-        let eq = record
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or_else(|| skip("a PAX record without `=`"))?;
-        let (key, value) = (&record[..eq], &record[eq + 1..]);
-        out.retain(|(k, _)| k != key);
-        out.push((key.to_vec(), value.to_vec()));
-        data = &data[len..];
+impl From<HeaderError> for BuildError {
+    fn from(e: HeaderError) -> BuildError {
+        skip(e.to_string())
     }
-    Ok(())
-}
-
-/// A PAX time (`[-]sec[.frac]`) as seconds and nanoseconds (`0..1e9`), as Go's `parsePAXTime`
-/// reads it (at most nine fraction digits count).
-pub(super) fn parse_pax_time(value: &[u8]) -> Option<(i64, u32)> {
-    let s = std::str::from_utf8(value).ok()?;
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let negative = int.starts_with('-');
-    let digits = int.strip_prefix('-').unwrap_or(int);
-    if digits.is_empty() && frac.is_empty() {
-        return None;
-    }
-    let secs: i64 = if digits.is_empty() {
-        0
-    } else {
-        digits
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-            .then(|| digits.parse().ok())??
-    };
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let mut nanos = 0u32;
-    for (i, b) in frac.bytes().take(9).enumerate() {
-        nanos += u32::from(b - b'0') * 10u32.pow(8 - i as u32);
-    }
-    Some(if !negative {
-        (secs, nanos)
-    } else if nanos == 0 {
-        (-secs, 0)
-    } else {
-        // -1.25 s is 1.75 s before -1 s... as a timespec: seconds -2, nanoseconds 0.75e9.
-        (-secs - 1, 1_000_000_000 - nanos)
-    })
 }
 
 fn numeric(
@@ -171,25 +67,7 @@ fn numeric(
     f: std::ops::Range<usize>,
     what: &str,
 ) -> Result<i64, BuildError> {
-    ptar::parse_numeric(&block[f]).ok_or_else(|| skip(format!("an invalid {what} field")))
-}
-
-fn pax_u64(pending: &Pending, key: &[u8]) -> Result<Option<u64>, BuildError> {
-    pending
-        .pax(key)
-        .map(|v| {
-            std::str::from_utf8(v)
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or_else(|| {
-                    skip(format!(
-                        "PAX record {} has value {:?}",
-                        String::from_utf8_lossy(key),
-                        String::from_utf8_lossy(v)
-                    ))
-                })
-        })
-        .transpose()
+    Ok(header::numeric(block, f, what)?)
 }
 
 /// The next entry of a layer stream, or `None` at its end.
@@ -197,7 +75,7 @@ pub(super) fn next_raw(
     repo: &Repository,
     reader: &mut SplitStreamReader,
 ) -> Result<Option<RawEntry>, BuildError> {
-    let mut pending = Pending::default();
+    let mut pending = Extensions::default();
     let mut block = [0u8; BLOCK_LEN];
     loop {
         if !reader.read_inline_exact(&mut block)? {
@@ -218,16 +96,7 @@ pub(super) fn next_raw(
                     return Err(skip(format!("a {size}-byte extension header")));
                 }
                 let data = read_inline_body(reader, size)?;
-                match typeflag {
-                    b'x' => {
-                        parse_pax(&data, &mut pending.pax)?;
-                        pending.pax_raw.extend_from_slice(&data);
-                    }
-                    b'L' => pending.long_name = Some(c_str(&data).to_vec()),
-                    b'K' => pending.long_link = Some(c_str(&data).to_vec()),
-                    // A global header is an entry of its own and changes nothing here.
-                    _ => {}
-                }
+                pending.add(typeflag, &data)?;
                 continue;
             }
             _ => return entry(repo, reader, &block, size, pending).map(Some),
@@ -361,62 +230,28 @@ fn entry(
     reader: &mut SplitStreamReader,
     block: &[u8; BLOCK_LEN],
     header_size: u64,
-    pending: Pending,
+    pending: Extensions,
 ) -> Result<RawEntry, BuildError> {
     let typeflag = block[field::TYPEFLAG];
-    let ustar = &block[field::MAGIC] == b"ustar\0" && &block[field::VERSION] == b"00";
-    let gnu = &block[field::MAGIC] == b"ustar " && &block[field::VERSION] == b" \0";
-    let mut path = c_str(&block[field::NAME]).to_vec();
-    if ustar {
-        let prefix = c_str(&block[field::PREFIX]);
-        if !prefix.is_empty() {
-            let mut full = prefix.to_vec();
-            full.push(b'/');
-            full.extend_from_slice(&path);
-            path = full;
-        }
-    }
-    if let Some(n) = &pending.long_name {
-        path.clone_from(n);
-    }
-    if let Some(p) = pending.pax(b"path") {
-        path = p.to_vec();
-    }
-    let mut link = pending
-        .long_link
-        .clone()
-        .unwrap_or_else(|| c_str(&block[field::LINKNAME]).to_vec());
-    if let Some(l) = pending.pax(b"linkpath") {
-        link = l.to_vec();
-    }
+    let (ustar, gnu) = (header::is_ustar(block), header::is_gnu(block));
+    let mut path = pending.path(block);
+    let link = pending.link_path(block);
     let mode = numeric(block, field::MODE, "mode")? as u32;
     let mut uid = numeric(block, field::UID, "uid")? as u64;
     let mut gid = numeric(block, field::GID, "gid")? as u64;
     let mut mtime = numeric(block, field::MTIME, "mtime")?;
     let mut nsec = 0u32;
-    if let Some(v) = pax_u64(&pending, b"uid")? {
+    if let Some(v) = pending.pax_u64(b"uid")? {
         uid = v;
     }
-    if let Some(v) = pax_u64(&pending, b"gid")? {
+    if let Some(v) = pending.pax_u64(b"gid")? {
         gid = v;
     }
-    if let Some(t) = pending.pax(b"mtime") {
-        (mtime, nsec) = parse_pax_time(t).ok_or_else(|| {
-            skip(format!(
-                "PAX mtime {:?} is not a time",
-                String::from_utf8_lossy(t)
-            ))
-        })?;
+    if let Some(t) = pending.pax_time(b"mtime")? {
+        (mtime, nsec) = (t.sec, t.nsec);
     }
-    let size = pax_u64(&pending, b"size")?.unwrap_or(header_size);
-    let xattrs: Vec<(Vec<u8>, Vec<u8>)> = pending
-        .pax
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix(b"SCHILY.xattr.")
-                .map(|name| (name.to_vec(), v.clone()))
-        })
-        .collect();
+    let size = pending.pax_u64(b"size")?.unwrap_or(header_size);
+    let xattrs = pending.xattrs();
     if let Some(name) = pending.pax(b"GNU.sparse.name") {
         path = name.to_vec();
     }
@@ -504,40 +339,4 @@ fn entry(
         xattrs,
         item,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pax_times_as_go_reads_them() {
-        let t = |s: &str| parse_pax_time(s.as_bytes());
-        assert_eq!(t("1700000000"), Some((1_700_000_000, 0)));
-        assert_eq!(t("1700000000.5"), Some((1_700_000_000, 500_000_000)));
-        assert_eq!(t("1.1234567891"), Some((1, 123_456_789)));
-        assert_eq!(t("-302486400"), Some((-302_486_400, 0)));
-        assert_eq!(t("-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(t("-0.5"), Some((-1, 500_000_000)));
-        assert_eq!(t(".5"), Some((0, 500_000_000)));
-        for bad in ["", "-", "1e5", "1.x", "--1", " 1"] {
-            assert_eq!(t(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn pax_records_merge_later_over_earlier() {
-        let mut out = Vec::new();
-        parse_pax(b"11 path=a/\n12 mtime=-5\n", &mut out).unwrap();
-        parse_pax(b"11 path=bb\n", &mut out).unwrap();
-        assert_eq!(
-            out,
-            [
-                (b"mtime".to_vec(), b"-5".to_vec()),
-                (b"path".to_vec(), b"bb".to_vec())
-            ]
-        );
-        assert!(parse_pax(b"99 path=a\n", &mut out).is_err());
-        assert!(parse_pax(b"9 path=a", &mut out).is_err());
-    }
 }
