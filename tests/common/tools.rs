@@ -1,11 +1,8 @@
 //! The reference tools: finding `cfsctl`, running commands, snapshotting mounted trees.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-use sha2::{Digest, Sha256};
 
 /// `cfsctl` 0.9.4: `$CFSCTL`, the CI cache, or PATH.
 pub fn cfsctl() -> Option<PathBuf> {
@@ -79,71 +76,25 @@ pub struct Node {
     pub mtime: i64,
 }
 
-/// Snapshot of a mounted tree (root metadata excluded: composefs's OCI transform rewrites it).
+/// Snapshot of a mounted tree (root metadata excluded: composefs's OCI transform rewrites it):
+/// [`super::tree::snapshot`]'s walk, seen as `stat -c %Y` sees times and without sizes and
+/// xattrs, which a composefs mount and podman's overlay mount present differently.
 pub fn snapshot(root: &Path) -> BTreeMap<String, Node> {
-    let mut out = BTreeMap::new();
-    let mut inodes: BTreeMap<(u64, u64), String> = BTreeMap::new();
-    let mut stack = vec![root.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let mut entries: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        entries.sort();
-        for path in entries {
-            let md = std::fs::symlink_metadata(&path).unwrap();
-            let rel = path
-                .strip_prefix(root)
-                .unwrap()
-                .to_string_lossy()
-                .into_owned();
-            let ft = md.file_type();
-            let (kind, data) = if ft.is_dir() {
-                stack.push(path.clone());
-                ('d', String::new())
-            } else if ft.is_file() {
-                let content = std::fs::read(&path).unwrap();
-                ('f', hex::encode(Sha256::digest(&content)))
-            } else if ft.is_symlink() {
-                (
-                    'l',
-                    std::fs::read_link(&path)
-                        .unwrap()
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            } else if ft.is_char_device() {
-                ('c', md.rdev().to_string())
-            } else if ft.is_block_device() {
-                ('b', md.rdev().to_string())
-            } else if ft.is_fifo() {
-                ('p', String::new())
-            } else {
-                ('s', String::new())
+    super::tree::snapshot(root)
+        .into_iter()
+        .map(|(path, n)| {
+            let node = Node {
+                kind: n.kind,
+                mode: n.mode,
+                uid: n.uid,
+                gid: n.gid,
+                data: n.data,
+                link_group: n.link_group,
+                mtime: n.mtime.0,
             };
-            let link_group = if kind != 'd' && md.nlink() > 1 {
-                inodes
-                    .entry((md.dev(), md.ino()))
-                    .or_insert_with(|| rel.clone())
-                    .clone()
-            } else {
-                rel.clone()
-            };
-            out.insert(
-                rel,
-                Node {
-                    kind,
-                    mode: md.mode() & 0o7777,
-                    uid: md.uid(),
-                    gid: md.gid(),
-                    data,
-                    link_group,
-                    mtime: md.mtime(),
-                },
-            );
-        }
-    }
-    out
+            (path, node)
+        })
+        .collect()
 }
 
 /// Unmounts (lazily) on drop.
