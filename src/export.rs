@@ -40,9 +40,6 @@ mod gzip;
 /// Buffer between the layer tar and the blob file (or the compressor).
 const WRITE_BUF: usize = 1 << 20;
 
-/// Most layers exported at once by default: each holds a helper, its fds and a compressor.
-const MAX_DEFAULT_JOBS: usize = 8;
-
 /// How layer blobs are compressed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Compression {
@@ -123,14 +120,7 @@ pub fn export(
     );
 
     let config_desc = write_config(&oci, &image)?;
-    let jobs = opts
-        .jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_DEFAULT_JOBS)
-        })
-        .clamp(1, image.layers.len().max(1));
+    let jobs = crate::pull::layer_jobs(opts.jobs, image.layers.len());
     let layers = export_layers(
         config,
         &mut proxy,

@@ -156,8 +156,21 @@ impl ObjectCounts {
 /// A layer's stream object, bodies and bytes, or why it failed.
 type LayerResult = anyhow::Result<(ObjectId, u64, u64, Duration)>;
 
-/// Most layers imported at once by default: each runs its own helper and one core of hashing.
+/// Most layers worked on at once by default (`pull`, `export`): each runs its own helper and
+/// keeps about a core busy.
 const MAX_DEFAULT_JOBS: usize = 8;
+
+/// How many layers to work on at once: `requested`, or one per core up to
+/// [`MAX_DEFAULT_JOBS`]; never more than there are layers, never none.
+pub(crate) fn layer_jobs(requested: Option<usize>, layers: usize) -> usize {
+    requested
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(MAX_DEFAULT_JOBS)
+        })
+        .clamp(1, layers.max(1))
+}
 
 /// Pull `source` into the repository at `repo_path` (created if missing).
 ///
@@ -232,14 +245,7 @@ pub fn pull(
     let threshold = opts
         .inline_threshold
         .unwrap_or(rpc::DEFAULT_INLINE_THRESHOLD);
-    let jobs = opts
-        .jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(MAX_DEFAULT_JOBS)
-        })
-        .clamp(1, todo.len().max(1));
+    let jobs = layer_jobs(opts.jobs, todo.len());
     let (jobs, fds) = fd_budget(jobs);
     proxy.set_fd_batch(fds.batch);
     // Layer workers keep every core busy while there are at least as many of them as cores.
